@@ -1,0 +1,56 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# Tiny shapes: 32 features and a few thousand samples train in a second or two an epoch.
+TINY = ["--features", "32", "--train-samples", "4000", "--val-samples", "500", "--hidden", "64"]
+
+
+def run_train(*args, cwd, timeout=300, check=True):
+    """Run train.py in a fresh process, as a user would; returns the CompletedProcess."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def start_train(*args, cwd):
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def interrupt_after_first_epoch(proc, last_ckpt: Path, sig=signal.SIGINT, timeout=120):
+    """Wait until the run has saved a completed epoch, then send `sig`; returns (rc, out, err, seconds)."""
+    deadline = time.monotonic() + timeout
+    while not last_ckpt.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no epoch completed in time"
+        time.sleep(0.05)
+    sent = time.monotonic()
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    return proc.returncode, out, err, time.monotonic() - sent
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

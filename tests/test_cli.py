@@ -1,0 +1,84 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, run_train
+
+
+def assert_one_line_error(proc, *words):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+BAD = [
+    (["--features", "0"], "--features"),
+    (["--train-samples", "-5"], "--train-samples"),
+    (["--val-samples", "0"], "--val-samples"),
+    (["--hidden", "abc"], "--hidden"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--batch-size", "2.5"], "--batch-size"),
+    (["--lr", "0"], "--lr"),
+    (["--lr", "-1e-3"], "--lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--lr", "fast"], "--lr"),
+    (["--max-epochs", "0"], "--max-epochs"),
+    (["--patience", "-1"], "--patience"),
+    (["--seed", "-1"], "--seed"),
+    (["--num-nodes", "0"], "--num-nodes"),
+    (["--devices", "0"], "--devices"),
+    (["--gpus", "-2"], "--gpus"),
+    (["--precision", "64"], "--precision"),
+    (["--accelerator", "tpu"], "--accelerator"),
+    (["--gpus", "0", "--devices", "1"], "--gpus"),
+    (["--gpus", "0", "--accelerator", "cpu"], "--gpus"),
+    (["--lr-find-steps", "1"], "--lr-find-steps"),
+    (["--min-steps-per-epoch", "0"], "--min-steps-per-epoch"),
+    (["--no-such-flag"], "--no-such-flag"),
+]
+
+
+@pytest.mark.parametrize("argv,flag", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_values_exit_2_with_one_line_and_write_nothing(workdir, argv, flag):
+    proc = run_train(*TINY, *argv, cwd=workdir, check=False)
+    assert_one_line_error(proc, flag)
+    assert list(workdir.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+@pytest.mark.parametrize("n", ["1", "2", "-1"])
+def test_gpus_without_cuda_exits_2(workdir, n):
+    proc = run_train("--gpus", n, cwd=workdir, check=False)
+    assert_one_line_error(proc, "--gpus", "CUDA")
+    assert list(workdir.iterdir()) == []
+
+
+def test_logdir_that_is_a_file(workdir):
+    (workdir / "taken").write_text("x")
+    assert_one_line_error(run_train("--logdir", "taken", cwd=workdir, check=False), "--logdir")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_logdir_not_writable(workdir):
+    locked = workdir / "locked"
+    locked.mkdir(mode=0o500)
+    assert_one_line_error(run_train("--logdir", "locked/runs", cwd=workdir, check=False), "--logdir")
+
+
+def test_logdir_under_a_read_only_mount_is_refused(workdir):
+    assert_one_line_error(run_train("--logdir", "/proc/runs", cwd=workdir, check=False), "--logdir")
+
+
+def test_resume_from_missing_or_foreign_files(workdir):
+    assert_one_line_error(run_train("--resume", "nope.ckpt", cwd=workdir, check=False), "--resume")
+    (workdir / "junk.ckpt").write_bytes(b"not a checkpoint")
+    assert_one_line_error(run_train("--resume", "junk.ckpt", cwd=workdir, check=False), "--resume")
+    torch.save({"weights": torch.zeros(2)}, workdir / "plain.ckpt")
+    assert_one_line_error(run_train("--resume", "plain.ckpt", cwd=workdir, check=False), "--resume")
+    assert sorted(p.name for p in workdir.iterdir()) == ["junk.ckpt", "plain.ckpt"]
