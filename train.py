@@ -367,6 +367,7 @@ def find_lr(tuner: Tuner, model: SumSignModel, datamodule: SumSignDataModule, ar
         model.hparams.lr = args.lr
         return
     figure = finder.plot(suggest=True)
+    os.makedirs(run_dir, exist_ok=True)
     figure.savefig(os.path.join(run_dir, "lr_finder.png"))
     logger.experiment.add_figure("lr_finder", figure)
 
@@ -427,7 +428,8 @@ def main(argv=None) -> int:
     throughput = TrainThroughput()
     trainer = make_trainer(
         args, devices=args.devices, num_nodes=args.num_nodes, max_epochs=args.max_epochs,
-        callbacks=[checkpoint, early_stopping, throughput], logger=False if args.fast_dev_run else logger,
+        callbacks=[] if args.fast_dev_run else [checkpoint, early_stopping, throughput],
+        logger=not args.fast_dev_run and logger, enable_checkpointing=not args.fast_dev_run,
         fast_dev_run=args.fast_dev_run,
     )
     # The tuners run on a Trainer of their own: one device (Lightning's batch-size finder refuses
@@ -465,8 +467,8 @@ def main(argv=None) -> int:
     except SystemExit:  # Lightning's answer to Ctrl-C: graceful shutdown, then sys.exit(1)
         if not trainer.interrupted:
             raise
-        last = checkpoint.last_model_path
-        say(f"interrupted; last complete checkpoint: {last or 'none, no epoch completed'}")
+        last = checkpoint.last_model_path and os.path.abspath(checkpoint.last_model_path)
+        say(f"\ninterrupted; last complete checkpoint: {last or 'none, no epoch completed'}")
         if last:
             say(f"resume with: {resume_command(last)}")
         return 128 + (signals[-1] if signals else signal.SIGINT)
@@ -483,7 +485,7 @@ def main(argv=None) -> int:
 def report(args, trainer, helper, model, checkpoint, throughput, logger, run_dir, **seconds) -> int:
     val_loss = trainer.callback_metrics.get("val_loss")
     diverged = val_loss is None or not torch.isfinite(val_loss).item()
-    best_path = checkpoint.best_model_path
+    best_path = checkpoint.best_model_path and os.path.abspath(checkpoint.best_model_path)
     best_score = checkpoint.best_model_score
     if diverged and best_path and (best_score is None or not torch.isfinite(best_score)):
         if trainer.is_global_zero:
@@ -501,7 +503,7 @@ def report(args, trainer, helper, model, checkpoint, throughput, logger, run_dir
         "best_val_loss": best["val_loss"],
         "best_val_acc": best["val_acc"],
         "checkpoint": best_path or None,
-        "last_checkpoint": checkpoint.last_model_path or None,
+        "last_checkpoint": checkpoint.last_model_path and os.path.abspath(checkpoint.last_model_path),
         **seconds,
         "train_samples_per_second": throughput.samples_per_second,
         "peak_rss_bytes": peak_rss_bytes(),

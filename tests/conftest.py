@@ -40,6 +40,7 @@ def interrupt_after_first_epoch(proc, last_ckpt: Path, sig=signal.SIGINT, timeou
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "no epoch completed in time"
         time.sleep(0.05)
+    time.sleep(0.3)  # into the next epoch, so the signal lands mid-epoch
     sent = time.monotonic()
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)

@@ -1,10 +1,12 @@
+"""Bad input is refused where it enters: one line on stderr, exit status 2, nothing written."""
+
 import os
-import sys
-from pathlib import Path
+import subprocess
 
 import pytest
 import torch
 
+import train
 from conftest import TINY, run_train
 
 
@@ -15,6 +17,14 @@ def assert_one_line_error(proc, *words):
     assert "Traceback" not in proc.stderr
     for word in words:
         assert word in lines[0], lines[0]
+
+
+def main_in_process(capsys, *argv):
+    """train.main() in this process (a fresh interpreter costs seconds of imports per case)."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(list(argv))
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, exit_info.value.code, captured.out, captured.err)
 
 
 BAD = [
@@ -45,40 +55,45 @@ BAD = [
 
 
 @pytest.mark.parametrize("argv,flag", BAD, ids=[" ".join(a) for a, _ in BAD])
-def test_bad_values_exit_2_with_one_line_and_write_nothing(workdir, argv, flag):
-    proc = run_train(*TINY, *argv, cwd=workdir, check=False)
-    assert_one_line_error(proc, flag)
+def test_bad_values_exit_2_with_one_line_and_write_nothing(workdir, capsys, argv, flag):
+    assert_one_line_error(main_in_process(capsys, *TINY, *argv), flag)
     assert list(workdir.iterdir()) == []
+
+
+def test_a_bad_value_from_the_shell(workdir):
+    proc = run_train("--train-samples", "0", cwd=workdir, check=False)
+    assert_one_line_error(proc, "--train-samples", ">= 1")
+    assert proc.stdout == "" and list(workdir.iterdir()) == []
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
 @pytest.mark.parametrize("n", ["1", "2", "-1"])
-def test_gpus_without_cuda_exits_2(workdir, n):
-    proc = run_train("--gpus", n, cwd=workdir, check=False)
+def test_gpus_without_cuda_exits_2(workdir, capsys, n):
+    proc = run_train("--gpus", n, cwd=workdir, check=False) if n == "1" else main_in_process(capsys, "--gpus", n)
     assert_one_line_error(proc, "--gpus", "CUDA")
     assert list(workdir.iterdir()) == []
 
 
-def test_logdir_that_is_a_file(workdir):
+def test_logdir_that_is_a_file(workdir, capsys):
     (workdir / "taken").write_text("x")
-    assert_one_line_error(run_train("--logdir", "taken", cwd=workdir, check=False), "--logdir")
+    assert_one_line_error(main_in_process(capsys, "--logdir", "taken"), "--logdir")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
-def test_logdir_not_writable(workdir):
+def test_logdir_not_writable(workdir, capsys):
     locked = workdir / "locked"
     locked.mkdir(mode=0o500)
-    assert_one_line_error(run_train("--logdir", "locked/runs", cwd=workdir, check=False), "--logdir")
+    assert_one_line_error(main_in_process(capsys, "--logdir", "locked/runs"), "--logdir")
 
 
-def test_logdir_under_a_read_only_mount_is_refused(workdir):
-    assert_one_line_error(run_train("--logdir", "/proc/runs", cwd=workdir, check=False), "--logdir")
+def test_logdir_where_no_folder_can_be_made(workdir, capsys):
+    assert_one_line_error(main_in_process(capsys, "--logdir", "/proc/runs"), "--logdir")
 
 
-def test_resume_from_missing_or_foreign_files(workdir):
-    assert_one_line_error(run_train("--resume", "nope.ckpt", cwd=workdir, check=False), "--resume")
+def test_resume_from_missing_or_foreign_files(workdir, capsys):
+    assert_one_line_error(main_in_process(capsys, "--resume", "nope.ckpt"), "--resume", "no such file")
     (workdir / "junk.ckpt").write_bytes(b"not a checkpoint")
-    assert_one_line_error(run_train("--resume", "junk.ckpt", cwd=workdir, check=False), "--resume")
+    assert_one_line_error(main_in_process(capsys, "--resume", "junk.ckpt"), "--resume", "not a checkpoint")
     torch.save({"weights": torch.zeros(2)}, workdir / "plain.ckpt")
-    assert_one_line_error(run_train("--resume", "plain.ckpt", cwd=workdir, check=False), "--resume")
+    assert_one_line_error(main_in_process(capsys, "--resume", "plain.ckpt"), "--resume", "not a checkpoint")
     assert sorted(p.name for p in workdir.iterdir()) == ["junk.ckpt", "plain.ckpt"]

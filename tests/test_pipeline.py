@@ -86,8 +86,10 @@ def test_tensorboard_holds_curves_hparams_and_lr_plot(default_run):
     assert train_loss[-1].value < train_loss[0].value
     val_loss, val_acc = events.Scalars("val_loss"), events.Scalars("val_acc")
     assert len(val_loss) == len(val_acc) == s["epochs"]
-    assert max(v.value for v in val_acc) == pytest.approx(s["best_val_acc"], abs=1e-6)
-    assert min(v.value for v in val_loss) == pytest.approx(s["best_val_loss"], rel=1e-5)
+    best_epoch = min(range(len(val_loss)), key=lambda e: val_loss[e].value)
+    assert val_loss[best_epoch].value == pytest.approx(s["best_val_loss"], rel=1e-5)
+    assert val_acc[best_epoch].value == pytest.approx(s["best_val_acc"], abs=1e-6)
+    assert f"best-epoch={best_epoch}.ckpt" in s["checkpoint"]
     assert events.Scalars("best_val_acc")[-1].value == pytest.approx(s["best_val_acc"])
     assert len(events.Scalars("train_samples_per_second")) == s["epochs"]
     assert "lr_finder" in tags["images"]
@@ -113,7 +115,8 @@ def test_early_stopping_ends_a_plateaued_run(workdir):
 
 def test_fast_dev_run_writes_no_run_folder(workdir):
     proc = run_train(*TINY, "--fast-dev-run", cwd=workdir)
-    assert not (workdir / "lightning_logs").exists() or not any((workdir / "lightning_logs").iterdir())
+    assert list(workdir.iterdir()) == []
+    assert "batch size:" not in proc.stdout and "learning rate:" not in proc.stdout
 
 
 def test_readme_load_and_predict_snippet(default_run):
@@ -127,3 +130,16 @@ def test_readme_load_and_predict_snippet(default_run):
     # the snippet prints the accuracy of the loaded model on fresh data
     accuracy = float(re.search(r"accuracy on new data: ([0-9.]+)", proc.stdout).group(1))
     assert accuracy >= 0.95
+
+
+def test_resume_with_other_sizes_is_refused(default_run):
+    cwd, _ = default_run
+    last = cwd / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    before = sorted(p.name for p in (cwd / "lightning_logs").iterdir())
+    for flag in ("--features", "--hidden"):
+        argv = [*TINY, "--resume", str(last)]
+        argv[argv.index(flag) + 1] = "16"
+        proc = run_train(*argv, cwd=cwd, check=False)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert "--resume" in proc.stderr and flag in proc.stderr
+    assert sorted(p.name for p in (cwd / "lightning_logs").iterdir()) == before
