@@ -33,7 +33,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.tuner import Tuner
 from pytorch_lightning.utilities import rank_zero_only
@@ -50,6 +50,7 @@ SPLIT_IDS = {"train": 0, "val": 1}
 GENERATION_CHUNK_ROWS = 1024  # rows drawn at a time: bounds the int32 temporaries of the label sums
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")
 TUNER_TEMP_FILES = (".scale_batch_size_*.ckpt", ".lr_find_*.ckpt")
+TUNED_ENV = "SUM_SIGN_TUNED"  # rank 0's tuned values, for the ranks Lightning starts at fit()
 MEMORY_FRACTION = 0.5  # of the RAM available when tuning starts that batches may use
 
 
@@ -162,34 +163,57 @@ class SumSignModel(pl.LightningModule):
 
 
 class TrainThroughput(Callback):
-    """Training samples per second: samples over the wall time of training batches alone.
+    """Training samples per second, from the wall time of training batches alone.
 
-    The first batch of each epoch is left out (it starts the loader and warms caches), and
-    validation and tuning are not counted, so this is the steady-state figure bench/ measures.
+    A step's time runs from one batch's end to the next one's, so it holds fetching the batch
+    too. The first batch of each epoch is left out (it starts the loader), and validation and
+    tuning are never counted: the steady-state figure that bench/compare.py measures.
     """
 
     def __init__(self):
-        self.samples, self.seconds = 0, 0.0
+        self.step_seconds, self.step_samples = [], []
 
     def on_train_epoch_start(self, trainer, pl_module):
-        self._epoch_samples, self._epoch_seconds, self._last = 0, 0.0, None
+        self._last, self._epoch_start = None, len(self.step_seconds)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         now = time.perf_counter()
         if self._last is not None:
-            self._epoch_samples += len(batch[0]) * trainer.world_size
-            self._epoch_seconds += now - self._last
+            self.step_seconds.append(now - self._last)
+            self.step_samples.append(len(batch[0]) * trainer.world_size)
         self._last = now
 
     def on_train_epoch_end(self, trainer, pl_module):
-        if self._epoch_seconds > 0:
-            self.samples += self._epoch_samples
-            self.seconds += self._epoch_seconds
-            pl_module.log("train_samples_per_second", self._epoch_samples / self._epoch_seconds)
+        seconds = sum(self.step_seconds[self._epoch_start :])
+        if seconds > 0:
+            pl_module.log("train_samples_per_second", sum(self.step_samples[self._epoch_start :]) / seconds)
 
     @property
     def samples_per_second(self) -> float:
-        return self.samples / self.seconds if self.seconds else float("nan")
+        """Median over steps: one slow step (a checkpoint write, a noisy neighbour) does not move it."""
+        rates = sorted(n / s for n, s in zip(self.step_samples, self.step_seconds))
+        return rates[len(rates) // 2] if rates else float("nan")
+
+
+class BestEpochMetrics(Callback):
+    """val_loss and val_acc of the epoch with the lowest val_loss, the one the best checkpoint holds.
+
+    Kept in checkpoints, so a resumed run still knows the best epoch from before the interruption.
+    """
+
+    def __init__(self):
+        self.best = {"val_loss": float("inf"), "val_acc": float("nan")}
+
+    def on_validation_end(self, trainer, pl_module):
+        metrics = trainer.callback_metrics  # already averaged over all ranks
+        if not trainer.sanity_checking and metrics["val_loss"] < self.best["val_loss"]:
+            self.best = {name: metrics[name].item() for name in self.best}
+
+    def state_dict(self):
+        return dict(self.best)
+
+    def load_state_dict(self, state_dict):
+        self.best = dict(state_dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,7 +359,7 @@ def available_memory_bytes() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
 
-def scale_batch_size(tuner: Tuner, model: SumSignModel, datamodule: SumSignDataModule, args) -> str:
+def scale_batch_size(tuner: Tuner, model: SumSignModel, datamodule: SumSignDataModule, args, world_size: int) -> str:
     """Lightning's power search, bounded by the data and, on CPU, by RAM; returns what bounded it.
 
     Lightning doubles the batch until an out-of-memory error, which a CPU never raises, or until
@@ -344,7 +368,7 @@ def scale_batch_size(tuner: Tuner, model: SumSignModel, datamodule: SumSignDataM
     batch, so a larger batch buys no throughput, only fewer updates per epoch), and on CPU a batch
     never takes more than MEMORY_FRACTION of the RAM available.
     """
-    samples_per_device = args.train_samples // (args.devices_total or 1)
+    samples_per_device = args.train_samples // world_size
     bounds = {f"--min-steps-per-epoch {args.min_steps_per_epoch}": max(1, samples_per_device // args.min_steps_per_epoch)}
     if args.accelerator == "cpu":
         # A sample's share of a step beyond the model: its int8 row and float32 copy, the hidden
@@ -401,6 +425,46 @@ def make_trainer(args, **kwargs) -> pl.Trainer:
     )
 
 
+def single_device_trainer(args) -> pl.Trainer:
+    # Lightning's batch-size finder refuses distributed strategies, and the tuners must not touch
+    # the run's logger or callbacks: they get a Trainer of their own, on one device.
+    return make_trainer(args, devices=1, num_nodes=1, logger=False, enable_checkpointing=False)
+
+
+def tune(args, model, datamodule, logger, run_dir: str, world_size: int) -> dict:
+    """Batch-size scaling, then the LR finder, on one device; the values they found."""
+    tuner = Tuner(single_device_trainer(args))
+    try:
+        if not args.no_scale_batch_size:
+            bound = scale_batch_size(tuner, model, datamodule, args, world_size)
+            say(f"batch size: {model.hparams.batch_size} per device (scaling stopped at: {bound})")
+        if not args.no_lr_find:
+            find_lr(tuner, model, datamodule, args, logger, run_dir)
+            say(f"learning rate: {model.hparams.lr:.3g}")
+    finally:
+        remove_tuner_files(args.logdir)
+    return {"batch_size": model.hparams.batch_size, "lr": model.hparams.lr}
+
+
+def tuned_values(args, trainer: pl.Trainer, tune_here) -> dict:
+    """The batch size and lr to train with, tuned once per job, whoever started its processes."""
+    if args.resume:
+        return {k: args.resume_hparams[k] for k in ("batch_size", "lr")}
+    if TUNED_ENV in os.environ:  # a rank that this script's own launch started: rank 0 has tuned
+        return json.loads(os.environ[TUNED_ENV])
+    if args.fast_dev_run:
+        return {"batch_size": args.batch_size, "lr": args.lr}
+    if trainer.world_size > 1 and trainer.strategy.cluster_environment.creates_processes_externally:
+        # torchrun or SLURM started every rank: join the process group now (fit() reuses it), let
+        # rank 0 tune and hand its values to the others.
+        trainer.strategy.setup_environment()
+        return trainer.strategy.broadcast(tune_here() if trainer.is_global_zero else None)
+    found = tune_here()
+    # fit() starts the other ranks by running this script again; they inherit the environment.
+    os.environ[TUNED_ENV] = json.dumps(found)
+    return found
+
+
 # ---------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     t_start = time.perf_counter()
@@ -411,48 +475,38 @@ def main(argv=None) -> int:
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # milestones only on stdout
     warnings.filterwarnings("ignore", ".*does not have many workers.*")  # in-memory data needs none
 
-    resuming = args.resume is not None
-    tuned = args.resume_hparams if resuming else {"lr": args.lr, "batch_size": args.batch_size}
-    datamodule = SumSignDataModule(args.train_samples, args.val_samples, args.features, args.seed, tuned["batch_size"])
-    model = SumSignModel(args.features, args.hidden, tuned["lr"], tuned["batch_size"])
-
-    if resuming:  # log on in the resumed run's own folder, so its curves continue
+    datamodule = SumSignDataModule(args.train_samples, args.val_samples, args.features, args.seed, args.batch_size)
+    model = SumSignModel(args.features, args.hidden, args.lr, args.batch_size)
+    if args.resume:  # log on in the resumed run's own folder, so its curves continue
         run_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.resume)))
         logger = TensorBoardLogger(os.path.dirname(run_dir), name="", version=os.path.basename(run_dir),
                                    default_hp_metric=False)
     else:
         logger = TensorBoardLogger(args.logdir, name="", default_hp_metric=False)
     run_dir = logger.log_dir
-    checkpoint = ModelCheckpoint(monitor="val_loss", mode="min", filename="best-{epoch}", save_last=True)
+    checkpoint = ModelCheckpoint(monitor="val_loss", mode="min", filename="best-{epoch}")
+    best_metrics = BestEpochMetrics()
+    # save_last=True would refresh last.ckpt only in epochs that improve val_loss; a second
+    # checkpoint without a monitor writes it after every completed epoch, as --resume needs.
+    last_checkpoint = ModelCheckpoint(filename="last", enable_version_counter=False)
     early_stopping = EarlyStopping(monitor="val_loss", mode="min", patience=args.patience)
     throughput = TrainThroughput()
     trainer = make_trainer(
         args, devices=args.devices, num_nodes=args.num_nodes, max_epochs=args.max_epochs,
-        callbacks=[] if args.fast_dev_run else [checkpoint, early_stopping, throughput],
+        callbacks=[] if args.fast_dev_run else [checkpoint, last_checkpoint, early_stopping, best_metrics, throughput,
+                                                LearningRateMonitor(logging_interval="epoch")],
         logger=not args.fast_dev_run and logger, enable_checkpointing=not args.fast_dev_run,
         fast_dev_run=args.fast_dev_run,
     )
-    # The tuners run on a Trainer of their own: one device (Lightning's batch-size finder refuses
-    # distributed strategies), no logger or callbacks to disturb, and the run's Trainer starts clean.
-    helper = make_trainer(args, devices=1, num_nodes=1, logger=False, enable_checkpointing=False,
-                          enable_progress_bar=not args.fast_dev_run)
-    args.devices_total = trainer.world_size
 
     t_tune = time.perf_counter()
-    try:
-        if not (resuming or args.fast_dev_run):
-            tuner = Tuner(helper)
-            if not args.no_scale_batch_size:
-                bound = scale_batch_size(tuner, model, datamodule, args)
-                say(f"batch size: {model.hparams.batch_size} (scaling stopped at: {bound})")
-            if not args.no_lr_find:
-                find_lr(tuner, model, datamodule, args, logger, run_dir)
-                say(f"learning rate: {model.hparams.lr:.3g}")
-            flags = {k: v for k, v in vars(args).items() if k not in ("resume_hparams", "lr", "batch_size")}
-            logger.log_hyperparams(dict(flags, **model.hparams),
-                                   metrics={"best_val_loss": float("nan"), "best_val_acc": float("nan")})
-    finally:
-        remove_tuner_files(args.logdir)
+    tuned = tuned_values(args, trainer, lambda: tune(args, model, datamodule, logger, run_dir, trainer.world_size))
+    model.hparams.update(tuned)
+    datamodule.batch_size = tuned["batch_size"]
+    if not (args.resume or args.fast_dev_run):
+        flags = {k: v for k, v in vars(args).items() if k not in ("resume_hparams", "lr", "batch_size")}
+        logger.log_hyperparams(dict(flags, **model.hparams),
+                               metrics={"best_val_loss": float("nan"), "best_val_acc": float("nan")})
     t_fit = time.perf_counter()
 
     signals = []
@@ -467,7 +521,7 @@ def main(argv=None) -> int:
     except SystemExit:  # Lightning's answer to Ctrl-C: graceful shutdown, then sys.exit(1)
         if not trainer.interrupted:
             raise
-        last = checkpoint.last_model_path and os.path.abspath(checkpoint.last_model_path)
+        last = last_checkpoint.best_model_path and os.path.abspath(last_checkpoint.best_model_path)
         say(f"\ninterrupted; last complete checkpoint: {last or 'none, no epoch completed'}")
         if last:
             say(f"resume with: {resume_command(last)}")
@@ -478,41 +532,40 @@ def main(argv=None) -> int:
     t_end = time.perf_counter()
     if args.fast_dev_run:
         return 0
-    return report(args, trainer, helper, model, checkpoint, throughput, logger, run_dir,
+    return report(args, trainer, model, checkpoint, last_checkpoint, best_metrics, throughput, logger, run_dir,
                   tune_seconds=t_fit - t_tune, fit_seconds=t_end - t_fit, total_seconds=t_end - t_start)
 
 
-def report(args, trainer, helper, model, checkpoint, throughput, logger, run_dir, **seconds) -> int:
+def report(args, trainer, model, checkpoint, last_checkpoint, best_metrics, throughput, logger, run_dir,
+           **seconds) -> int:
+    """Rank 0 writes summary.json and prints the result; every rank returns the exit status."""
     val_loss = trainer.callback_metrics.get("val_loss")
     diverged = val_loss is None or not torch.isfinite(val_loss).item()
+    if not trainer.is_global_zero:
+        return 1 if diverged else 0
     best_path = checkpoint.best_model_path and os.path.abspath(checkpoint.best_model_path)
-    best_score = checkpoint.best_model_score
-    if diverged and best_path and (best_score is None or not torch.isfinite(best_score)):
-        if trainer.is_global_zero:
-            os.remove(best_path)  # it holds the non-finite weights, not a model worth keeping
+    best = best_metrics.best
+    if diverged and best_path and not math.isfinite(best["val_loss"]):
+        os.remove(best_path)  # it holds the non-finite weights, not a model worth keeping
         best_path = ""
-    best = {"val_loss": float("nan"), "val_acc": float("nan")}
-    if best_path:  # re-measure the best checkpoint: its val_acc is not stored anywhere else
-        best = helper.validate(model, datamodule=trainer.datamodule, ckpt_path=best_path, verbose=False)[0]
     summary = {
         "batch_size": model.hparams.batch_size,
         "lr": model.hparams.lr,
         "epochs": trainer.current_epoch,
         "stopped_early": trainer.current_epoch < args.max_epochs,
         "diverged": diverged,
-        "best_val_loss": best["val_loss"],
-        "best_val_acc": best["val_acc"],
+        "best_val_loss": best["val_loss"] if best_path else None,
+        "best_val_acc": best["val_acc"] if best_path else None,
         "checkpoint": best_path or None,
-        "last_checkpoint": checkpoint.last_model_path and os.path.abspath(checkpoint.last_model_path),
+        "last_checkpoint": os.path.abspath(last_checkpoint.best_model_path),
         **seconds,
         "train_samples_per_second": throughput.samples_per_second,
         "peak_rss_bytes": peak_rss_bytes(),
     }
-    if trainer.is_global_zero:
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        logger.log_metrics({"best_val_loss": best["val_loss"], "best_val_acc": best["val_acc"]}, trainer.global_step)
-        logger.finalize("success")
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    logger.log_metrics({"best_val_loss": best["val_loss"], "best_val_acc": best["val_acc"]}, trainer.global_step)
+    logger.finalize("success")
     if diverged:
         say(f"training diverged at epoch {trainer.current_epoch - 1}: val_loss is not finite with "
             f"lr {model.hparams.lr:g}; lower --lr or drop --no-lr-find")

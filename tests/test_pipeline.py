@@ -53,7 +53,7 @@ def test_run_folder_holds_checkpoints_plot_and_summary(default_run):
 def test_milestones_are_printed_once(default_run):
     _, proc = default_run
     out = proc.stdout
-    assert len(re.findall(r"^batch size: \d+ \(scaling stopped at: .+\)$", out, re.M)) == 1
+    assert len(re.findall(r"^batch size: \d+ per device \(scaling stopped at: .+\)$", out, re.M)) == 1
     assert len(re.findall(r"^learning rate: [0-9.e-]+$", out, re.M)) == 1
     assert len(re.findall(r"^best checkpoint: .+best-epoch=\d+\.ckpt \(val_loss", out, re.M)) == 1
     assert "tensorboard --logdir=lightning_logs" in out
@@ -111,6 +111,9 @@ def test_early_stopping_ends_a_plateaued_run(workdir):
     losses = [e.value for e in events.Scalars("val_loss")]
     assert len(losses) == s["epochs"] and min(losses) == losses[best_epoch]
     assert all(v >= losses[best_epoch] for v in losses[best_epoch + 1:])
+    # last.ckpt holds the last completed epoch, also when that epoch did not improve val_loss
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["epoch"] == s["epochs"] - 1 > best_epoch
 
 
 def test_fast_dev_run_writes_no_run_folder(workdir):
