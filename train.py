@@ -11,9 +11,10 @@ val_loss, checkpoints and TensorBoard logs.
     python train.py <same flags> --resume lightning_logs/version_0/checkpoints/last.ckpt
 
 Each run writes lightning_logs/version_N/: TensorBoard events, hparams.yaml, lr_finder.png,
-checkpoints/best-epoch=E.ckpt and checkpoints/last.ckpt, and summary.json. At the defaults the
-model reaches a validation accuracy of 0.99 or more and early stopping ends the run well before
-100 epochs; README.md has the measured numbers.
+checkpoints/best-epoch=E.ckpt and checkpoints/last.ckpt, and summary.json. At the defaults, on
+a 2-core CPU, expect about 11 minutes: early stopping ends training after 7 of the 100 epochs,
+with a best val_loss near 0.42 and val_acc near 0.81. That is about what any linear model can
+generalise from 43210 samples of 21000 features; training accuracy goes on rising (README.md).
 """
 
 import argparse
@@ -30,9 +31,9 @@ import tempfile
 import time
 import warnings
 
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.tuner import Tuner
@@ -146,7 +147,9 @@ class SumSignModel(pl.LightningModule):
         # From logits: stable where sigmoid would round to 0 or 1 and BCE would take log(0).
         loss = F.binary_cross_entropy_with_logits(logits, y.to(logits.dtype))
         self.log(f"{stage}_loss", loss, prog_bar=True, sync_dist=stage == "val")
-        if stage == "val":
+        if stage == "train":  # per step above (Lightning's default for training), and per epoch
+            self.log("train_loss_epoch", loss, on_step=False, on_epoch=True)
+        else:
             self.val_acc(logits, y)
             self.log("val_acc", self.val_acc, prog_bar=True)
         return loss
@@ -359,7 +362,8 @@ def available_memory_bytes() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
 
-def scale_batch_size(tuner: Tuner, model: SumSignModel, datamodule: SumSignDataModule, args, world_size: int) -> str:
+def scale_batch_size(tuner: Tuner, model: SumSignModel, datamodule: SumSignDataModule, args, logger,
+                     world_size: int) -> str:
     """Lightning's power search, bounded by the data and, on CPU, by RAM; returns what bounded it.
 
     Lightning doubles the batch until an out-of-memory error, which a CPU never raises, or until
@@ -381,7 +385,12 @@ def scale_batch_size(tuner: Tuner, model: SumSignModel, datamodule: SumSignDataM
     # on the doubling ladder from `start`, so the size it returns has been run.
     max_val = start * 2 ** int(math.log2(cap / start))
     found = tuner.scale_batch_size(model, datamodule=datamodule, mode="power", init_val=start, max_val=max_val)
-    return reason if found >= max_val else "largest size that ran"
+    reason = reason if found >= max_val else "largest size that ran"
+    rows = [f"| {name} | {size} |" for name, size in bounds.items()]
+    logger.experiment.add_text("batch_size_search", "\n".join(
+        ["| bound | largest batch it allows |", "| --- | --- |", *rows,
+         f"| **chosen** (searched {start} to {max_val} by doubling) | **{found}**, stopped by: {reason} |"]))
+    return reason
 
 
 def find_lr(tuner: Tuner, model: SumSignModel, datamodule: SumSignDataModule, args, logger, run_dir: str) -> None:
@@ -436,7 +445,7 @@ def tune(args, model, datamodule, logger, run_dir: str, world_size: int) -> dict
     tuner = Tuner(single_device_trainer(args))
     try:
         if not args.no_scale_batch_size:
-            bound = scale_batch_size(tuner, model, datamodule, args, world_size)
+            bound = scale_batch_size(tuner, model, datamodule, args, logger, world_size)
             say(f"batch size: {model.hparams.batch_size} per device (scaling stopped at: {bound})")
         if not args.no_lr_find:
             find_lr(tuner, model, datamodule, args, logger, run_dir)

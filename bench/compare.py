@@ -1,7 +1,7 @@
 """Training throughput of train.py against a bare PyTorch loop doing the same math.
 
     python bench/compare.py                              # 32-true, bf16-mixed, bf16-true; D=21000, batch 512
-    python bench/compare.py --precisions 32-true --steps 10
+    python bench/compare.py --precisions 32-true --steps 8 --rounds 3
     python bench/compare.py --accelerator gpu            # on a GPU
 
 For each precision, in this one process: the bare loop (the same two Linear layers, BCE on
@@ -99,6 +99,7 @@ def main():
     p.add_argument("--batches", type=int, default=4, help="distinct batches the bare loop cycles through")
     p.add_argument("--steps", type=int, default=5, help="measured steps per run (default: 5)")
     p.add_argument("--warmup", type=int, default=2, help="steps run before measuring (default: 2)")
+    p.add_argument("--rounds", type=int, default=1, help="bare/train.py pairs per precision; medians (default: 1)")
     args = p.parse_args()
     torch.set_float32_matmul_precision("high")  # as train.py: TF32 on tensor cores
     device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
@@ -106,12 +107,18 @@ def main():
 
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
           f"{torch.get_num_threads()} threads; D={args.features}, hidden={args.hidden}, "
-          f"batch={args.batch_size}; medians of {args.steps} steps after {args.warmup}", flush=True)
+          f"batch={args.batch_size}; medians of {args.steps} steps after {args.warmup}, "
+          f"{args.rounds} round(s)", flush=True)
     print(f"{'precision':<11} {'bare samples/s':>15} {'train.py samples/s':>19} {'ratio':>6}", flush=True)
     step = None
     for precision in args.precisions:
-        bare = bare_loop(args, precision, device)
-        ours, step_seconds = lightning_run(args, precision, datamodule)
+        # Alternate the two, so drift in a shared machine's speed hits both alike.
+        bares, ours_runs = [], []
+        for _ in range(args.rounds):
+            bares.append(bare_loop(args, precision, device))
+            ours_runs.append(lightning_run(args, precision, datamodule))
+        bare = statistics.median(bares)
+        ours, step_seconds = sorted(ours_runs)[len(ours_runs) // 2]
         step = step if step is not None else step_seconds
         print(f"{precision:<11} {bare:>15.1f} {ours:>19.1f} {ours / bare:>6.3f}", flush=True)
     load = loader_seconds(args, datamodule, device)

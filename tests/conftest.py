@@ -55,3 +55,14 @@ def summary(run_dir: Path) -> dict:
 def workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+MAX_EPOCHS = 40
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory):
+    """Tuning on, default flags but the sizes; early stopping or 40 epochs end it."""
+    cwd = tmp_path_factory.mktemp("default")
+    proc = run_train(*TINY, "--max-epochs", str(MAX_EPOCHS), cwd=cwd)
+    return cwd, proc

@@ -13,15 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import ROOT, TINY, run_train, summary
 
-MAX_EPOCHS = 40
-
-
-@pytest.fixture(scope="module")
-def default_run(tmp_path_factory):
-    """Tuning on, default flags but the sizes; early stopping or 40 epochs end it."""
-    cwd = tmp_path_factory.mktemp("default")
-    proc = run_train(*TINY, "--max-epochs", str(MAX_EPOCHS), cwd=cwd)
-    return cwd, proc
+from conftest import MAX_EPOCHS
 
 
 def test_run_folder_holds_checkpoints_plot_and_summary(default_run):
