@@ -253,7 +253,7 @@ def devices_arg(text):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = OneLineParser(description="Train a sum-sign classifier with PyTorch Lightning.")
-    count = lambda: bounded(int, 1, "an integer >= 1")  # noqa: E731
+    count = bounded(int, 1, "an integer >= 1")
     hw = p.add_argument_group("hardware")
     hw.add_argument("--gpus", type=bounded(int, -1, "an integer >= -1"), default=None,
                     help="GPUs to train on: 0 = CPU, N = N GPUs, -1 = all; shorthand for "
@@ -262,7 +262,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="Lightning accelerator (default: cpu)")
     hw.add_argument("--devices", type=devices_arg, default=None,
                     help="devices per node: N >= 1, -1 for all, or auto (default: 1)")
-    hw.add_argument("--num-nodes", type=count(), default=1, help="machines in the job (default: 1)")
+    hw.add_argument("--num-nodes", type=count, default=1, help="machines in the job (default: 1)")
     hw.add_argument("--precision", choices=PRECISIONS, default="32-true",
                     help="Lightning precision (default: 32-true; on GPUs with tensor cores float32 "
                          "matmuls use TF32)")
@@ -270,15 +270,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="deterministic GPU kernels: bit-identical GPU reruns, slower (CPU runs are "
                          "reproducible without it)")
     data = p.add_argument_group("data and model")
-    data.add_argument("--features", type=count(), default=21000, help="features per sample (default: 21000)")
-    data.add_argument("--train-samples", type=count(), default=43210, help="training samples (default: 43210)")
-    data.add_argument("--val-samples", type=count(), default=1234,
+    data.add_argument("--features", type=count, default=21000, help="features per sample (default: 21000)")
+    data.add_argument("--train-samples", type=count, default=43210, help="training samples (default: 43210)")
+    data.add_argument("--val-samples", type=count, default=1234,
                       help="validation samples, >= 1: early stopping watches val_loss (default: 1234)")
-    data.add_argument("--hidden", type=count(), default=2048, help="width of the first layer (default: 2048)")
+    data.add_argument("--hidden", type=count, default=2048, help="width of the first layer (default: 2048)")
     data.add_argument("--seed", type=bounded(int, 0, "an integer >= 0"), default=42,
                       help="seed of the weights, the data and the shuffle (default: 42)")
     tune = p.add_argument_group("tuning")
-    tune.add_argument("--batch-size", type=count(), default=512,
+    tune.add_argument("--batch-size", type=count, default=512,
                       help="samples per step and device; where scaling starts, or the batch size "
                            "when it is off (default: 512)")
     tune.add_argument("--lr", type=bounded(float, None, "a number > 0"), default=1e-6,
@@ -286,13 +286,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                            "(default: 1e-6)")
     tune.add_argument("--no-scale-batch-size", action="store_true", help="skip batch-size scaling")
     tune.add_argument("--no-lr-find", action="store_true", help="skip the learning-rate finder")
-    tune.add_argument("--min-steps-per-epoch", type=count(), default=64,
+    tune.add_argument("--min-steps-per-epoch", type=count, default=64,
                       help="batch-size scaling stops before an epoch would have fewer optimizer "
                            "steps than this (default: 64)")
     tune.add_argument("--lr-find-steps", type=bounded(int, 2, "an integer >= 2"), default=60,
                       help="training steps the LR finder spends, one learning rate each (default: 60)")
     train = p.add_argument_group("training and output")
-    train.add_argument("--max-epochs", type=count(), default=100, help="upper bound on epochs (default: 100)")
+    train.add_argument("--max-epochs", type=count, default=100, help="upper bound on epochs (default: 100)")
     train.add_argument("--patience", type=bounded(int, 0, "an integer >= 0"), default=5,
                        help="epochs without a lower val_loss before early stopping (default: 5)")
     train.add_argument("--logdir", default="lightning_logs",
