@@ -1,6 +1,6 @@
 import json
-import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -45,6 +45,12 @@ def interrupt_after_first_epoch(proc, last_ckpt: Path, sig=signal.SIGINT, timeou
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     return proc.returncode, out, err, time.monotonic() - sent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def summary(run_dir: Path) -> dict:

@@ -1,23 +1,15 @@
 """Two CPU processes (gloo) train one model, whether this script or torchrun starts them."""
 
 import re
-import socket
 import subprocess
 import sys
 
-import pytest
 import torch
 
-from conftest import ROOT, TINY, run_train, summary
+from conftest import ROOT, TINY, free_port, run_train, summary
 from train import SumSignDataset, SumSignModel
 
 DDP = [*TINY, "--accelerator", "cpu", "--devices", "2", "--max-epochs", "15"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def check_one_run(workdir, stdout, stderr):

@@ -1,6 +1,5 @@
 """The whole program, run as a user runs it, at tiny sizes."""
 
-import json
 import os
 import re
 import subprocess

@@ -1,6 +1,5 @@
 """Reruns reproduce, interruptions lose nothing, divergence stops the run."""
 
-import json
 import re
 import signal
 

@@ -1,7 +1,6 @@
 """A real TensorBoard server, asked over HTTP for what a user would look at."""
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -9,13 +8,7 @@ import urllib.request
 
 import pytest
 
-from conftest import summary
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import free_port, summary
 
 
 @pytest.fixture
