@@ -373,7 +373,8 @@ def scale_batch_size(tuner: Tuner, model: SumSignModel, datamodule: SumSignDataM
     never takes more than MEMORY_FRACTION of the RAM available.
     """
     samples_per_device = args.train_samples // world_size
-    bounds = {f"--min-steps-per-epoch {args.min_steps_per_epoch}": max(1, samples_per_device // args.min_steps_per_epoch)}
+    steps_bound = max(1, samples_per_device // args.min_steps_per_epoch)
+    bounds = {f"--min-steps-per-epoch {args.min_steps_per_epoch}": steps_bound}
     if args.accelerator == "cpu":
         # A sample's share of a step beyond the model: its int8 row and float32 copy, the hidden
         # activation and its gradient; doubled for the allocator's slack.
@@ -393,15 +394,15 @@ def scale_batch_size(tuner: Tuner, model: SumSignModel, datamodule: SumSignDataM
     return reason
 
 
-def find_lr(tuner: Tuner, model: SumSignModel, datamodule: SumSignDataModule, args, logger, run_dir: str) -> None:
+def find_lr(tuner: Tuner, model: SumSignModel, datamodule: SumSignDataModule, args, logger) -> None:
     finder = tuner.lr_find(model, datamodule=datamodule, num_training=args.lr_find_steps)
     if finder is None or finder.suggestion() is None:
         say(f"LR finder could not suggest a learning rate; keeping --lr {args.lr:g}")
         model.hparams.lr = args.lr
         return
     figure = finder.plot(suggest=True)
-    os.makedirs(run_dir, exist_ok=True)
-    figure.savefig(os.path.join(run_dir, "lr_finder.png"))
+    os.makedirs(logger.log_dir, exist_ok=True)
+    figure.savefig(os.path.join(logger.log_dir, "lr_finder.png"))
     logger.experiment.add_figure("lr_finder", figure)
 
 
@@ -440,7 +441,7 @@ def single_device_trainer(args) -> pl.Trainer:
     return make_trainer(args, devices=1, num_nodes=1, logger=False, enable_checkpointing=False)
 
 
-def tune(args, model, datamodule, logger, run_dir: str, world_size: int) -> dict:
+def tune(args, model, datamodule, logger, world_size: int) -> dict:
     """Batch-size scaling, then the LR finder, on one device; the values they found."""
     tuner = Tuner(single_device_trainer(args))
     try:
@@ -448,7 +449,7 @@ def tune(args, model, datamodule, logger, run_dir: str, world_size: int) -> dict
             bound = scale_batch_size(tuner, model, datamodule, args, logger, world_size)
             say(f"batch size: {model.hparams.batch_size} per device (scaling stopped at: {bound})")
         if not args.no_lr_find:
-            find_lr(tuner, model, datamodule, args, logger, run_dir)
+            find_lr(tuner, model, datamodule, args, logger)
             say(f"learning rate: {model.hparams.lr:.3g}")
     finally:
         remove_tuner_files(args.logdir)
@@ -474,6 +475,46 @@ def tuned_values(args, trainer: pl.Trainer, tune_here) -> dict:
     return found
 
 
+def make_logger(args) -> TensorBoardLogger:
+    if args.resume:  # log on in the resumed run's own folder, so its curves continue
+        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.resume)))
+        return TensorBoardLogger(os.path.dirname(run_dir), name="", version=os.path.basename(run_dir),
+                                 default_hp_metric=False)
+    return TensorBoardLogger(args.logdir, name="", default_hp_metric=False)
+
+
+def log_hyperparameters(logger: TensorBoardLogger, args, model: SumSignModel) -> None:
+    """Every flag and the tuned values; the best metrics are filled in at the end (HPARAMS tab)."""
+    flags = {k: v for k, v in vars(args).items() if k not in ("resume_hparams", "lr", "batch_size")}
+    logger.log_hyperparams(dict(flags, **model.hparams),
+                           metrics={"best_val_loss": float("nan"), "best_val_acc": float("nan")})
+
+
+def fit(trainer: pl.Trainer, model, datamodule, args, last_checkpoint: ModelCheckpoint) -> int:
+    """trainer.fit(); 0 when it ends, or 128 + signal after Ctrl-C or SIGTERM, saying how to resume."""
+    signals = []
+
+    def stop(signum, frame):  # SIGTERM (a scheduler's stop) ends the run as Ctrl-C does
+        signals.append(signum)
+        raise KeyboardInterrupt
+
+    handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=args.resume)
+        return 0
+    except SystemExit:  # Lightning's answer to Ctrl-C: graceful shutdown, then sys.exit(1)
+        if not trainer.interrupted:
+            raise
+        last = last_checkpoint.best_model_path and os.path.abspath(last_checkpoint.best_model_path)
+        say(f"\ninterrupted; last complete checkpoint: {last or 'none, no epoch completed'}")
+        if last:
+            say(f"resume with: {resume_command(last)}")
+        return 128 + (signals[-1] if signals else signal.SIGINT)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
 # ---------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     t_start = time.perf_counter()
@@ -486,77 +527,49 @@ def main(argv=None) -> int:
 
     datamodule = SumSignDataModule(args.train_samples, args.val_samples, args.features, args.seed, args.batch_size)
     model = SumSignModel(args.features, args.hidden, args.lr, args.batch_size)
-    if args.resume:  # log on in the resumed run's own folder, so its curves continue
-        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.resume)))
-        logger = TensorBoardLogger(os.path.dirname(run_dir), name="", version=os.path.basename(run_dir),
-                                   default_hp_metric=False)
-    else:
-        logger = TensorBoardLogger(args.logdir, name="", default_hp_metric=False)
-    run_dir = logger.log_dir
-    checkpoint = ModelCheckpoint(monitor="val_loss", mode="min", filename="best-{epoch}")
-    best_metrics = BestEpochMetrics()
+    logger = make_logger(args)
+    best_checkpoint = ModelCheckpoint(monitor="val_loss", mode="min", filename="best-{epoch}")
     # save_last=True would refresh last.ckpt only in epochs that improve val_loss; a second
     # checkpoint without a monitor writes it after every completed epoch, as --resume needs.
     last_checkpoint = ModelCheckpoint(filename="last", enable_version_counter=False)
-    early_stopping = EarlyStopping(monitor="val_loss", mode="min", patience=args.patience)
-    throughput = TrainThroughput()
+    best_metrics, throughput = BestEpochMetrics(), TrainThroughput()
+    callbacks = [best_checkpoint, last_checkpoint, best_metrics, throughput,
+                 EarlyStopping(monitor="val_loss", mode="min", patience=args.patience),
+                 LearningRateMonitor(logging_interval="epoch")]
     trainer = make_trainer(
         args, devices=args.devices, num_nodes=args.num_nodes, max_epochs=args.max_epochs,
-        callbacks=[] if args.fast_dev_run else [checkpoint, last_checkpoint, early_stopping, best_metrics, throughput,
-                                                LearningRateMonitor(logging_interval="epoch")],
-        logger=not args.fast_dev_run and logger, enable_checkpointing=not args.fast_dev_run,
-        fast_dev_run=args.fast_dev_run,
+        callbacks=[] if args.fast_dev_run else callbacks, logger=not args.fast_dev_run and logger,
+        enable_checkpointing=not args.fast_dev_run, fast_dev_run=args.fast_dev_run,
     )
 
     t_tune = time.perf_counter()
-    tuned = tuned_values(args, trainer, lambda: tune(args, model, datamodule, logger, run_dir, trainer.world_size))
+    tuned = tuned_values(args, trainer, lambda: tune(args, model, datamodule, logger, trainer.world_size))
     model.hparams.update(tuned)
     datamodule.batch_size = tuned["batch_size"]
     if not (args.resume or args.fast_dev_run):
-        flags = {k: v for k, v in vars(args).items() if k not in ("resume_hparams", "lr", "batch_size")}
-        logger.log_hyperparams(dict(flags, **model.hparams),
-                               metrics={"best_val_loss": float("nan"), "best_val_acc": float("nan")})
+        log_hyperparameters(logger, args, model)
+
     t_fit = time.perf_counter()
-
-    signals = []
-
-    def stop(signum, frame):  # SIGTERM (a scheduler's stop) ends the run as Ctrl-C does
-        signals.append(signum)
-        raise KeyboardInterrupt
-
-    handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=args.resume)
-    except SystemExit:  # Lightning's answer to Ctrl-C: graceful shutdown, then sys.exit(1)
-        if not trainer.interrupted:
-            raise
-        last = last_checkpoint.best_model_path and os.path.abspath(last_checkpoint.best_model_path)
-        say(f"\ninterrupted; last complete checkpoint: {last or 'none, no epoch completed'}")
-        if last:
-            say(f"resume with: {resume_command(last)}")
-        return 128 + (signals[-1] if signals else signal.SIGINT)
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    status = fit(trainer, model, datamodule, args, last_checkpoint)
     t_end = time.perf_counter()
-    if args.fast_dev_run:
-        return 0
-    return report(args, trainer, model, checkpoint, last_checkpoint, best_metrics, throughput, logger, run_dir,
-                  tune_seconds=t_fit - t_tune, fit_seconds=t_end - t_fit, total_seconds=t_end - t_start)
+    if status or args.fast_dev_run:
+        return status
+    seconds = dict(tune_seconds=t_fit - t_tune, fit_seconds=t_end - t_fit, total_seconds=t_end - t_start)
+    return report(args, trainer, model, best_checkpoint, last_checkpoint, best_metrics, throughput, seconds)
 
 
-def report(args, trainer, model, checkpoint, last_checkpoint, best_metrics, throughput, logger, run_dir,
-           **seconds) -> int:
+def report(args, trainer, model, best_checkpoint, last_checkpoint, best_metrics, throughput, seconds) -> int:
     """Rank 0 writes summary.json and prints the result; every rank returns the exit status."""
     val_loss = trainer.callback_metrics.get("val_loss")
     diverged = val_loss is None or not torch.isfinite(val_loss).item()
     if not trainer.is_global_zero:
         return 1 if diverged else 0
-    best_path = checkpoint.best_model_path and os.path.abspath(checkpoint.best_model_path)
+    best_path = best_checkpoint.best_model_path and os.path.abspath(best_checkpoint.best_model_path)
     best = best_metrics.best
     if diverged and best_path and not math.isfinite(best["val_loss"]):
         os.remove(best_path)  # it holds the non-finite weights, not a model worth keeping
         best_path = ""
+    logger, run_dir = trainer.logger, trainer.logger.log_dir
     summary = {
         "batch_size": model.hparams.batch_size,
         "lr": model.hparams.lr,
