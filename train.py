@@ -419,6 +419,11 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
 
 
+def saved_path(checkpoint: ModelCheckpoint) -> str:
+    """Absolute path of the file a ModelCheckpoint last kept, or "" if it has kept none."""
+    return checkpoint.best_model_path and os.path.abspath(checkpoint.best_model_path)
+
+
 def resume_command(last_ckpt: str) -> str:
     argv = sys.argv[1:]
     if "--resume" in argv:
@@ -505,7 +510,7 @@ def fit(trainer: pl.Trainer, model, datamodule, args, last_checkpoint: ModelChec
     except SystemExit:  # Lightning's answer to Ctrl-C: graceful shutdown, then sys.exit(1)
         if not trainer.interrupted:
             raise
-        last = last_checkpoint.best_model_path and os.path.abspath(last_checkpoint.best_model_path)
+        last = saved_path(last_checkpoint)
         say(f"\ninterrupted; last complete checkpoint: {last or 'none, no epoch completed'}")
         if last:
             say(f"resume with: {resume_command(last)}")
@@ -564,7 +569,7 @@ def report(args, trainer, model, best_checkpoint, last_checkpoint, best_metrics,
     diverged = val_loss is None or not torch.isfinite(val_loss).item()
     if not trainer.is_global_zero:
         return 1 if diverged else 0
-    best_path = best_checkpoint.best_model_path and os.path.abspath(best_checkpoint.best_model_path)
+    best_path = saved_path(best_checkpoint)
     best = best_metrics.best
     if diverged and best_path and not math.isfinite(best["val_loss"]):
         os.remove(best_path)  # it holds the non-finite weights, not a model worth keeping
@@ -579,7 +584,7 @@ def report(args, trainer, model, best_checkpoint, last_checkpoint, best_metrics,
         "best_val_loss": best["val_loss"] if best_path else None,
         "best_val_acc": best["val_acc"] if best_path else None,
         "checkpoint": best_path or None,
-        "last_checkpoint": os.path.abspath(last_checkpoint.best_model_path),
+        "last_checkpoint": saved_path(last_checkpoint) or None,
         **seconds,
         "train_samples_per_second": throughput.samples_per_second,
         "peak_rss_bytes": peak_rss_bytes(),

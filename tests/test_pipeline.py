@@ -10,9 +10,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import ROOT, TINY, run_train, summary
-
-from conftest import MAX_EPOCHS
+from conftest import MAX_EPOCHS, ROOT, TINY, run_train, summary
 
 
 def test_run_folder_holds_checkpoints_plot_and_summary(default_run):
