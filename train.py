@@ -7,18 +7,19 @@ val_loss, checkpoints and TensorBoard logs.
     pip install -r requirements.txt
     python train.py                          # CPU
     python train.py --gpus 1                 # one GPU
+    python train.py --fresh-data             # a new training set every epoch: learns the rule
     tensorboard --logdir=lightning_logs      # look at the run
     python train.py <same flags> --resume lightning_logs/version_0/checkpoints/last.ckpt
 
 Each run writes lightning_logs/version_N/: TensorBoard events, hparams.yaml, lr_finder.png,
-checkpoints/best-epoch=E.ckpt and checkpoints/last.ckpt, and summary.json. At the defaults, on
-a 2-core CPU, expect about 11 minutes: early stopping ends training after 7 of the 100 epochs,
-with a best val_loss near 0.42 and val_acc near 0.81. That is about what any linear model can
-generalise from 43210 samples of 21000 features; training accuracy goes on rising (README.md).
+checkpoints/best-epoch=E.ckpt and checkpoints/last.ckpt, and summary.json. At the defaults, on a
+2-core CPU, expect 6 to 12 minutes: early stopping ends training after about 7 of the 100 epochs,
+with val_acc near 0.81 on validation rows it never trained on. That is about what a linear model
+can generalise from 43210 samples of 21000 features; --fresh-data goes past it (README.md).
 """
 
 import argparse
-import glob
+import hashlib
 import json
 import logging
 import math
@@ -35,42 +36,58 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.tuner import Tuner
 from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_convert
+from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import BinaryAccuracy
 
-# Features are stored as int8 codes k in [-127, 127] and served as k / 127: uniform on 255 evenly
-# spaced points of [-1, 1]. One byte a value keeps the default training set at 0.9 GB instead of
-# 3.6 GB in float32, and the label, sum(k) > 0, is computed exactly in integers, so it is the same
-# on every device and at every precision.
-CODE_MAX = 127
-SPLIT_IDS = {"train": 0, "val": 1}
+# A feature is stored as one int8 code k, uniform on [-128, 127], and served as (2k + 1) / 256:
+# uniform on 256 evenly spaced points of (-1, 1). One byte a value keeps the default training set
+# at 0.9 GB instead of 3.6 GB, the codes come straight from random bits (8 to each 64-bit draw),
+# and the label is exact: the values sum to > 0 exactly when 2 * sum(k) + features > 0.
 GENERATION_CHUNK_ROWS = 1024  # rows drawn at a time: bounds the int32 temporaries of the label sums
-PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")
-TUNER_TEMP_FILES = (".scale_batch_size_*.ckpt", ".lr_find_*.ckpt")
-TUNED_ENV = "SUM_SIGN_TUNED"  # rank 0's tuned values, for the ranks Lightning starts at fit()
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
+NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs with bf16 matmul units
 MEMORY_FRACTION = 0.5  # of the RAM available when tuning starts that batches may use
 
 
 # ---------------------------------------------------------------------------------------------
-class SumSignDataset(Dataset):
-    """`samples` rows of `features` values uniform in [-1, 1]; label 1.0 where a row sums to > 0.
+def random_stream(device, *key) -> torch.Generator:
+    """A generator seeded from `key` alone, e.g. (seed, "val"): no other draw can shift it."""
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+    return torch.Generator(device).manual_seed(int.from_bytes(digest, "little"))
 
-    The split is a pure function of (seed, split): its own generator, seeded from both, draws it
-    once, whatever the device, batch size or number of processes.
+
+def random_codes(rows: int, features: int, generator: torch.Generator) -> torch.Tensor:
+    bits = torch.empty(-(-rows * features // 8), dtype=torch.int64, device=generator.device)
+    bits.random_(-(2**63), None, generator=generator)  # all 64 bits uniform
+    return bits.view(torch.int8)[: rows * features].view(rows, features)
+
+
+def values_and_labels(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = codes.float().mul_(2 / 256).add_(1 / 256)  # exact in float32 and in bf16
+    y = (2 * codes.sum(1, dtype=torch.int32) + codes.shape[1] > 0).float()
+    return x, y
+
+
+class SumSignDataset(Dataset):
+    """A fixed split: `samples` rows of `features` values in (-1, 1), labelled 1.0 where they sum to > 0.
+
+    The split is a pure function of (seed, split): its own generator draws it, whatever the
+    device, batch size or number of processes, and a longer split starts with a shorter one.
     """
 
     def __init__(self, samples: int, features: int, seed: int, split: str):
-        generator = torch.Generator().manual_seed(seed * len(SPLIT_IDS) + SPLIT_IDS[split])
+        generator = random_stream("cpu", seed, split)
         self.codes = torch.empty(samples, features, dtype=torch.int8)
         self.labels = torch.empty(samples)
         for start in range(0, samples, GENERATION_CHUNK_ROWS):
-            rows = self.codes[start : start + GENERATION_CHUNK_ROWS]
-            rows.random_(-CODE_MAX, CODE_MAX + 1, generator=generator)
-            self.labels[start : start + len(rows)] = (rows.sum(1, dtype=torch.int32) > 0).float()
+            codes = random_codes(min(GENERATION_CHUNK_ROWS, samples - start), features, generator)
+            self.codes[start : start + len(codes)] = codes
+            self.labels[start : start + len(codes)] = values_and_labels(codes)[1]
 
     def to(self, device: torch.device) -> "SumSignDataset":
         self.codes, self.labels = self.codes.to(device), self.labels.to(device)
@@ -79,46 +96,89 @@ class SumSignDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int):
-        return self.codes[index].float() / CODE_MAX, self.labels[index]
+    def __getitem__(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows at the indices `rows` (a tensor on the data's device): one gather, no copy to wait for."""
+        return values_and_labels(self.codes[rows])[0], self.labels[rows]
 
-    def __getitems__(self, indices: list[int]):
-        # The DataLoader hands over a whole batch of indices: one gather on the device the data
-        # lives on instead of `batch_size` Python-level __getitem__ calls and a collate.
-        index = torch.tensor(indices, device=self.codes.device)
-        return self.codes.index_select(0, index).float().div_(CODE_MAX), self.labels[index]
+
+class EpochRows(Dataset):
+    """One rank's rows of a fixed split, in one epoch's order. An item is a whole batch: the rows
+    at a slice of positions, gathered where the data lives.
+    """
+
+    def __init__(self, split: SumSignDataset, order: torch.Tensor):
+        self.split, self.order = split, order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, positions: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.split[self.order[positions]]
+
+
+class FreshRows(Dataset):
+    """One rank's rows of one epoch of fresh data, drawn on `device` when asked for, never stored.
+
+    The batch at positions [start, stop) is drawn by a generator seeded from (seed, epoch, rank,
+    start): every epoch is new data, reruns and resumed runs draw the same, ranks draw different rows.
+    """
+
+    def __init__(self, rows: int, features: int, key: tuple, device: torch.device):
+        self.rows, self.features, self.key, self.device = rows, features, key, device
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __getitem__(self, positions: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = random_stream(self.device, *self.key, positions.start)
+        return values_and_labels(random_codes(len(range(self.rows)[positions]), self.features, generator))
 
 
 class SumSignDataModule(pl.LightningDataModule):
-    def __init__(self, train_samples: int, val_samples: int, features: int, seed: int, batch_size: int):
+    def __init__(self, train_samples: int, val_samples: int, features: int, seed: int, batch_size: int,
+                 fresh_data: bool = False):
         super().__init__()
-        self.train_samples, self.val_samples, self.features = train_samples, val_samples, features
-        self.seed, self.batch_size = seed, batch_size
+        self.save_hyperparameters(ignore="batch_size", logger=False)  # kept in checkpoints: --resume checks them
+        self.batch_size = batch_size  # the batch-size finder sets it here
         self.train_set = self.val_set = None
 
     def setup(self, stage: str) -> None:
-        if self.train_set is not None:  # the tuners and fit each call setup(): draw the data once
+        if self.val_set is not None:  # the tuners and fit each call setup(): draw the data once
             return
-        device = self.trainer.strategy.root_device
-        # On a GPU the whole set lives in device memory (0.9 GB at the defaults): a batch is then
-        # one gather there, with no host-side collation or copy to wait for.
-        self.train_set = SumSignDataset(self.train_samples, self.features, self.seed, "train").to(device)
-        self.val_set = SumSignDataset(self.val_samples, self.features, self.seed, "val").to(device)
+        hp, device = self.hparams, self.trainer.strategy.root_device
+        # On a GPU the data lives in device memory (0.9 GB at the defaults): a batch is one gather
+        # there. Fresh training data is drawn batch by batch where training runs, and not stored.
+        self.val_set = SumSignDataset(hp.val_samples, hp.features, hp.seed, "val").to(device)
+        if not hp.fresh_data:
+            self.train_set = SumSignDataset(hp.train_samples, hp.features, hp.seed, "train").to(device)
 
-    def _loader(self, dataset: SumSignDataset, shuffle: bool) -> DataLoader:
-        # DistributedSampler shuffles with seed + epoch, so the order of every epoch is a function
-        # of (seed, epoch) alone: reruns and resumed runs see the same batches. It also gives each
-        # process of a multi-device run its own shard. Workers would only copy in-memory tensors.
-        sampler = DistributedSampler(
-            dataset, self.trainer.world_size, self.trainer.global_rank, shuffle=shuffle, seed=self.seed
-        )
-        return DataLoader(dataset, self.batch_size, sampler=sampler, collate_fn=default_convert)
+    def _shard(self, order: torch.Tensor) -> torch.Tensor:
+        # As DistributedSampler does: pad to a multiple of the world size with rows from the start,
+        # take every world_size-th row. Every rank gets as many batches, so none waits for another.
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        return torch.cat([order, order[: -len(order) % world]])[rank::world]
+
+    def _loader(self, rows: Dataset) -> DataLoader:
+        # The sampler hands out slices, one per batch, and the dataset answers each with a whole
+        # batch (batch_size=None): no per-sample Python work, no collation, no index list to copy.
+        batches = [slice(start, start + self.batch_size) for start in range(0, len(rows), self.batch_size)]
+        return DataLoader(rows, sampler=batches, batch_size=None)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        # Called at the start of every epoch (reload_dataloaders_every_n_epochs=1): the order, or
+        # the fresh rows, of epoch e are a function of (seed, e), so a resumed run sees the same.
+        hp, epoch, device = self.hparams, self.trainer.current_epoch, self.trainer.strategy.root_device
+        if hp.fresh_data:
+            rows = -(-hp.train_samples // self.trainer.world_size)  # per rank, as _shard pads
+            return self._loader(FreshRows(rows, hp.features, (hp.seed, "train", epoch, self.trainer.global_rank), device))
+        # The permutation is drawn on the data's device: no index list crosses from the host.
+        generator = random_stream(device, hp.seed, "order", epoch)
+        order = torch.randperm(hp.train_samples, generator=generator, device=device)
+        return self._loader(EpochRows(self.train_set, self._shard(order)))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        order = torch.arange(len(self.val_set), device=self.val_set.labels.device)
+        return self._loader(EpochRows(self.val_set, self._shard(order)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,31 +252,125 @@ class TrainThroughput(Callback):
             pl_module.log("train_samples_per_second", sum(self.step_samples[self._epoch_start :]) / seconds)
 
     @property
-    def samples_per_second(self) -> float:
+    def samples_per_second(self) -> float | None:
         """Median over steps: one slow step (a checkpoint write, a noisy neighbour) does not move it."""
         rates = sorted(n / s for n, s in zip(self.step_samples, self.step_seconds))
-        return rates[len(rates) // 2] if rates else float("nan")
+        return rates[len(rates) // 2] if rates else None
 
 
-class BestEpochMetrics(Callback):
-    """val_loss and val_acc of the epoch with the lowest val_loss, the one the best checkpoint holds.
+class BestEpoch(Callback):
+    """val_acc of the epoch the best checkpoint holds, and both best metrics in TensorBoard.
 
-    Kept in checkpoints, so a resumed run still knows the best epoch from before the interruption.
+    ModelCheckpoint keeps the best val_loss (best_model_score) but no other metric of that epoch.
+    It saves after this callback's hook (Lightning runs checkpoint callbacks last), so an epoch
+    whose val_loss beats best_model_score here is the one it is about to keep.
     """
 
-    def __init__(self):
-        self.best = {"val_loss": float("inf"), "val_acc": float("nan")}
+    def __init__(self, checkpoint: ModelCheckpoint):
+        self.checkpoint, self.val_acc = checkpoint, None
 
     def on_validation_end(self, trainer, pl_module):
-        metrics = trainer.callback_metrics  # already averaged over all ranks
-        if not trainer.sanity_checking and metrics["val_loss"] < self.best["val_loss"]:
-            self.best = {name: metrics[name].item() for name in self.best}
+        best, metrics = self.checkpoint.best_model_score, trainer.callback_metrics  # averaged over ranks
+        if not trainer.sanity_checking and (best is None or metrics["val_loss"] < best):
+            self.val_acc = metrics["val_acc"].item()
+
+    def on_train_end(self, trainer, pl_module):  # before Lightning's teardown closes the event file
+        if self.checkpoint.best_model_score is not None and self.val_acc is not None:
+            trainer.logger.log_metrics({"best_val_loss": self.checkpoint.best_model_score.item(),
+                                        "best_val_acc": self.val_acc}, trainer.global_step)
 
     def state_dict(self):
-        return dict(self.best)
+        return {"val_acc": self.val_acc}
 
     def load_state_dict(self, state_dict):
-        self.best = dict(state_dict)
+        self.val_acc = state_dict["val_acc"]
+
+
+class TunedValues(Callback):
+    """Brings rank 0's tuned batch size and lr to every rank, then checks that all ranks use them.
+
+    Rank 0 tunes before fit(), before any process group exists, so nothing in the tuners can wait
+    on another rank. setup() runs once the process group is up, whoever started the ranks
+    (this script, torchrun, SLURM), and before the dataloaders and the optimizer are made.
+    """
+
+    def __init__(self, values: dict | None):
+        self.values = values
+
+    def setup(self, trainer, pl_module, stage):
+        self.values = trainer.strategy.broadcast(self.values)
+        pl_module.hparams.update(self.values)
+        trainer.datamodule.batch_size = self.values["batch_size"]
+
+    def on_train_start(self, trainer, pl_module):
+        used = torch.tensor([trainer.datamodule.batch_size, trainer.optimizers[0].param_groups[0]["lr"]],
+                            dtype=torch.float64, device=pl_module.device)
+        if not (trainer.strategy.all_gather(used) == used).all():
+            sys.exit(f"error: ranks disagree on the batch size and lr to train with; rank "
+                     f"{trainer.global_rank} has batch size {int(used[0])}, lr {used[1].item():g}")
+
+
+class StopOnSignal(Callback):
+    """Ctrl-C (SIGINT) and SIGTERM end the run cleanly at any moment, with one line saying what
+    stopped and what can be resumed, and exit status 128 + signal.
+
+    Before training (data, tuning), rank 0 turns the first signal into a KeyboardInterrupt at
+    once: Lightning shuts the tuners or the fit down gracefully. Other ranks keep the default
+    action (end at once) until training starts: they wait in the process group's rendezvous, for
+    minutes while rank 0 tunes, inside C++ where no Python handler runs, with nothing to clean up.
+
+    Once training runs, every rank only notes the signal, and all stop together at the end of the
+    next training step, where they learn the signal from each other. Lightning's own SIGTERM
+    handler is replaced here: it broadcasts from inside the signal handler, which lands between
+    a step's collectives at a different point on each rank (a rank crashed in its gradient
+    all-reduce in this project's tests), and its validation loop stops a signalled rank alone.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum, self.training, self.trainer, self.last_checkpoint, self.phase = None, False, None, None, "setup"
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
+
+    def watch(self, trainer: pl.Trainer, last_checkpoint: ModelCheckpoint) -> None:
+        self.trainer, self.last_checkpoint = trainer, last_checkpoint
+        if not trainer.is_global_zero:
+            for sig in self.SIGNALS:
+                signal.signal(sig, signal.SIG_DFL)
+
+    def handle(self, signum, frame):
+        first, self.signum = self.signum is None, self.signum or signum
+        if first and not self.training:
+            raise KeyboardInterrupt
+
+    def _take_over(self, trainer, pl_module):  # Lightning has just installed its SIGTERM handler
+        self.training = True
+        for sig in self.SIGNALS:
+            signal.signal(sig, self.handle)
+
+    on_sanity_check_start = on_train_start = _take_over
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        signum = self.signum or 0
+        if trainer.world_size > 1:  # one all-reduce a step; Lightning already syncs each DDP step
+            signum = int(trainer.strategy.reduce(torch.tensor(signum, device=pl_module.device), reduce_op="max"))
+        if signum:
+            self.signum = signum
+            raise KeyboardInterrupt  # on every rank at this same step: Lightning shuts down gracefully
+
+    def interrupted(self, error: BaseException, argv: list[str]) -> int:
+        """After a signal, say what stopped and return 128 + signal; re-raise any other error."""
+        if self.signum is None:
+            raise error
+        last = self.last_checkpoint and saved_path(self.last_checkpoint)
+        then = f"resume with: {resume_command(argv, last, self.trainer)}" if last else (
+            "no epoch had completed, so there is nothing to resume: run the same command to start over")
+        say(f"\ninterrupted by {signal.Signals(self.signum).name} during {self.phase}; {then}")
+        return 128 + self.signum
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,17 +417,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     hw.add_argument("--devices", type=devices_arg, default=None,
                     help="devices per node: N >= 1, -1 for all, or auto (default: 1)")
     hw.add_argument("--num-nodes", type=count, default=1, help="machines in the job (default: 1)")
-    hw.add_argument("--precision", choices=PRECISIONS, default="32-true",
-                    help="Lightning precision (default: 32-true; on GPUs with tensor cores float32 "
-                         "matmuls use TF32)")
+    hw.add_argument("--precision", choices=PRECISIONS, default="auto",
+                    help="Lightning precision; auto = bf16-mixed where the hardware multiplies bf16 "
+                         "natively (CUDA GPUs that support it, CPUs with AMX or AVX512_BF16), else "
+                         "32-true, whose float32 matmuls use TF32 on GPUs (default: auto)")
     hw.add_argument("--deterministic", action="store_true",
                     help="deterministic GPU kernels: bit-identical GPU reruns, slower (CPU runs are "
                          "reproducible without it)")
     data = p.add_argument_group("data and model")
     data.add_argument("--features", type=count, default=21000, help="features per sample (default: 21000)")
-    data.add_argument("--train-samples", type=count, default=43210, help="training samples (default: 43210)")
+    data.add_argument("--train-samples", type=count, default=43210,
+                      help="training samples per epoch (default: 43210)")
     data.add_argument("--val-samples", type=count, default=1234,
                       help="validation samples, >= 1: early stopping watches val_loss (default: 1234)")
+    data.add_argument("--fresh-data", action="store_true",
+                      help="draw a new training set of --train-samples rows every epoch, on the training "
+                           "device, instead of one fixed set: the model sees ever more distinct samples "
+                           "and learns the rule (default: off, the article's fixed set)")
     data.add_argument("--hidden", type=count, default=2048, help="width of the first layer (default: 2048)")
     data.add_argument("--seed", type=bounded(int, 0, "an integer >= 0"), default=42,
                       help="seed of the weights, the data and the shuffle (default: 42)")
@@ -313,6 +473,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.accelerator, args.devices = ("cpu", 1) if args.gpus == 0 else ("gpu", args.gpus)
     args.accelerator = args.accelerator or "cpu"
     args.devices = args.devices or 1
+    if args.precision == "auto":
+        args.precision, args.precision_reason = auto_precision(args.accelerator, cpu_flags())
+    else:
+        args.precision_reason = "--precision"
 
     if os.path.exists(args.logdir) and not os.path.isdir(args.logdir):
         p.error(f"argument --logdir: {args.logdir!r} is a file, not a folder")
@@ -336,16 +500,37 @@ def checkpoint_hparams(p: OneLineParser, args: argparse.Namespace) -> dict:
         # weights_only=False: Lightning checkpoints hold plain Python objects (hparams, callback
         # state) beside the tensors; this is the user's own file. mmap: read no weights here.
         checkpoint = torch.load(args.resume, map_location="cpu", mmap=True, weights_only=False)
-        hparams = dict(checkpoint["hyper_parameters"])
+        hparams = {**checkpoint["datamodule_hyper_parameters"], **checkpoint["hyper_parameters"]}
         if "state_dict" not in checkpoint or "loops" not in checkpoint:
             raise KeyError("not a training checkpoint")
     except Exception:
         p.error(f"argument --resume: {args.resume!r} is not a checkpoint written by train.py")
-    for flag in ("features", "hidden"):
+    for flag in ("features", "hidden", "fresh_data"):
         if hparams.get(flag) != getattr(args, flag):
-            p.error(f"argument --resume: the checkpoint was made with --{flag} {hparams.get(flag)}, "
-                    f"not {getattr(args, flag)}")
+            p.error(f"argument --resume: the checkpoint was made with --{flag.replace('_', '-')} "
+                    f"{hparams.get(flag)}, not {getattr(args, flag)}")
     return hparams
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((set(line.split(":", 1)[1].split()) for line in cpuinfo if line.startswith("flags")), set())
+    except OSError:  # not Linux: no flags known, so no bf16 claimed
+        return set()
+
+
+def auto_precision(accelerator: str, flags: set[str]) -> tuple[str, str]:
+    """bf16-mixed where the hardware multiplies bf16 natively, else 32-true; and why."""
+    if accelerator in ("gpu", "auto") and torch.cuda.is_available():
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return "bf16-mixed", f"auto: {torch.cuda.get_device_name()} multiplies bf16 natively"
+        return "32-true", f"auto: {torch.cuda.get_device_name()} has no native bf16"
+    native = sorted(flags.intersection(NATIVE_BF16_CPU_FLAGS))
+    if accelerator in ("cpu", "auto") and native:
+        return "bf16-mixed", f"auto: this CPU multiplies bf16 natively ({', '.join(native)})"
+    # Without bf16 units torch emulates bf16 matmuls: 13x slower than float32 on an AVX2 EPYC.
+    return "32-true", "auto: no native bf16 matmul on this device"
 
 
 @rank_zero_only
@@ -362,8 +547,7 @@ def available_memory_bytes() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
 
-def scale_batch_size(tuner: Tuner, model: SumSignModel, datamodule: SumSignDataModule, args, logger,
-                     world_size: int) -> str:
+def scale_batch_size(tuner: Tuner, model, datamodule, args, logger, world_size: int) -> str:
     """Lightning's power search, bounded by the data and, on CPU, by RAM; returns what bounded it.
 
     Lightning doubles the batch until an out-of-memory error, which a CPU never raises, or until
@@ -394,7 +578,7 @@ def scale_batch_size(tuner: Tuner, model: SumSignModel, datamodule: SumSignDataM
     return reason
 
 
-def find_lr(tuner: Tuner, model: SumSignModel, datamodule: SumSignDataModule, args, logger) -> None:
+def find_lr(tuner: Tuner, model, datamodule, args, logger) -> None:
     finder = tuner.lr_find(model, datamodule=datamodule, num_training=args.lr_find_steps)
     if finder is None or finder.suggestion() is None:
         say(f"LR finder could not suggest a learning rate; keeping --lr {args.lr:g}")
@@ -406,12 +590,27 @@ def find_lr(tuner: Tuner, model: SumSignModel, datamodule: SumSignDataModule, ar
     logger.experiment.add_figure("lr_finder", figure)
 
 
-def remove_tuner_files(root: str) -> None:
-    # Lightning's tuners keep the initial weights in these files and delete them when they finish;
-    # an exception or Ctrl-C in between would leave them behind.
-    for pattern in TUNER_TEMP_FILES:
-        for path in glob.glob(os.path.join(root, pattern)):
-            os.remove(path)
+def tune(args, model, datamodule, logger, world_size: int, stop: StopOnSignal) -> dict:
+    """Batch-size scaling, then the LR finder, on one device; the values they found.
+
+    Lightning's batch-size finder refuses distributed strategies, and the tuners must not touch
+    the run's logger or callbacks: they get a Trainer of their own, on one device. Lightning
+    deletes their temporary checkpoints in `finally` blocks, but writes them before entering
+    those; a scratch folder that this `with` removes leaves nothing behind whenever they stop.
+    """
+    os.makedirs(args.logdir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=args.logdir, prefix=".tuning-") as scratch:
+        tuner = Tuner(make_trainer(args, devices=1, num_nodes=1, logger=False, enable_checkpointing=False,
+                                   default_root_dir=scratch))
+        if not args.no_scale_batch_size:
+            stop.phase = "batch-size scaling"
+            bound = scale_batch_size(tuner, model, datamodule, args, logger, world_size)
+            say(f"batch size: {model.hparams.batch_size} per device (scaling stopped at: {bound})")
+        if not args.no_lr_find:
+            stop.phase = "the LR finder"
+            find_lr(tuner, model, datamodule, args, logger)
+            say(f"learning rate: {model.hparams.lr:.3g}")
+    return {"batch_size": model.hparams.batch_size, "lr": model.hparams.lr}
 
 
 def peak_rss_bytes() -> int:
@@ -424,60 +623,17 @@ def saved_path(checkpoint: ModelCheckpoint) -> str:
     return checkpoint.best_model_path and os.path.abspath(checkpoint.best_model_path)
 
 
-def resume_command(last_ckpt: str) -> str:
-    argv = sys.argv[1:]
-    if "--resume" in argv:
-        del argv[argv.index("--resume") : argv.index("--resume") + 2]
-    return shlex.join(["python", "train.py", *argv, "--resume", last_ckpt])
+def finite_or_none(value):
+    return value if value is None or math.isfinite(value) else None
 
 
 def make_trainer(args, **kwargs) -> pl.Trainer:
     return pl.Trainer(
         accelerator=args.accelerator, precision=args.precision, deterministic=args.deterministic or None,
-        default_root_dir=args.logdir,  # where the tuners keep their temporary checkpoints
         use_distributed_sampler=False,  # SumSignDataModule shards the data itself
+        reload_dataloaders_every_n_epochs=1,  # train_dataloader() makes each epoch's order or fresh rows
         enable_model_summary=False, **kwargs,
     )
-
-
-def single_device_trainer(args) -> pl.Trainer:
-    # Lightning's batch-size finder refuses distributed strategies, and the tuners must not touch
-    # the run's logger or callbacks: they get a Trainer of their own, on one device.
-    return make_trainer(args, devices=1, num_nodes=1, logger=False, enable_checkpointing=False)
-
-
-def tune(args, model, datamodule, logger, world_size: int) -> dict:
-    """Batch-size scaling, then the LR finder, on one device; the values they found."""
-    tuner = Tuner(single_device_trainer(args))
-    try:
-        if not args.no_scale_batch_size:
-            bound = scale_batch_size(tuner, model, datamodule, args, logger, world_size)
-            say(f"batch size: {model.hparams.batch_size} per device (scaling stopped at: {bound})")
-        if not args.no_lr_find:
-            find_lr(tuner, model, datamodule, args, logger)
-            say(f"learning rate: {model.hparams.lr:.3g}")
-    finally:
-        remove_tuner_files(args.logdir)
-    return {"batch_size": model.hparams.batch_size, "lr": model.hparams.lr}
-
-
-def tuned_values(args, trainer: pl.Trainer, tune_here) -> dict:
-    """The batch size and lr to train with, tuned once per job, whoever started its processes."""
-    if args.resume:
-        return {k: args.resume_hparams[k] for k in ("batch_size", "lr")}
-    if TUNED_ENV in os.environ:  # a rank that this script's own launch started: rank 0 has tuned
-        return json.loads(os.environ[TUNED_ENV])
-    if args.fast_dev_run:
-        return {"batch_size": args.batch_size, "lr": args.lr}
-    if trainer.world_size > 1 and trainer.strategy.cluster_environment.creates_processes_externally:
-        # torchrun or SLURM started every rank: join the process group now (fit() reuses it), let
-        # rank 0 tune and hand its values to the others.
-        trainer.strategy.setup_environment()
-        return trainer.strategy.broadcast(tune_here() if trainer.is_global_zero else None)
-    found = tune_here()
-    # fit() starts the other ranks by running this script again; they inherit the environment.
-    os.environ[TUNED_ENV] = json.dumps(found)
-    return found
 
 
 def make_logger(args) -> TensorBoardLogger:
@@ -495,109 +651,112 @@ def log_hyperparameters(logger: TensorBoardLogger, args, model: SumSignModel) ->
                            metrics={"best_val_loss": float("nan"), "best_val_acc": float("nan")})
 
 
-def fit(trainer: pl.Trainer, model, datamodule, args, last_checkpoint: ModelCheckpoint) -> int:
-    """trainer.fit(); 0 when it ends, or 128 + signal after Ctrl-C or SIGTERM, saying how to resume."""
-    signals = []
-
-    def stop(signum, frame):  # SIGTERM (a scheduler's stop) ends the run as Ctrl-C does
-        signals.append(signum)
-        raise KeyboardInterrupt
-
-    handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=args.resume)
-        return 0
-    except SystemExit:  # Lightning's answer to Ctrl-C: graceful shutdown, then sys.exit(1)
-        if not trainer.interrupted:
-            raise
-        last = saved_path(last_checkpoint)
-        say(f"\ninterrupted; last complete checkpoint: {last or 'none, no epoch completed'}")
-        if last:
-            say(f"resume with: {resume_command(last)}")
-        return 128 + (signals[-1] if signals else signal.SIGINT)
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+def resume_command(argv: list[str], last_ckpt: str, trainer: pl.Trainer) -> str:
+    """The command this run was started with, with --resume pointing at `last_ckpt`."""
+    kept = [a for i, a in enumerate(argv) if not (a.startswith("--resume") or i and argv[i - 1] == "--resume")]
+    command = shlex.join([*kept, "--resume", last_ckpt])
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    if environment is not None and environment.creates_processes_externally:
+        return f"the same torchrun or srun command, with train.py {command}"
+    return f"python {shlex.quote(os.path.relpath(__file__))} {command}"
 
 
 # ---------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     t_start = time.perf_counter()
     args = parse_args(argv)
-    pl.seed_everything(args.seed, verbose=False)
-    # Tensor cores run float32 matmuls as TF32 when allowed, as Lightning advises; no-op on CPU.
-    torch.set_float32_matmul_precision("high")
-    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # milestones only on stdout
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")  # in-memory data needs none
+    stop = StopOnSignal()
+    try:
+        pl.seed_everything(args.seed, verbose=False)
+        # Tensor cores run float32 matmuls as TF32 when allowed, as Lightning advises; no-op on CPU.
+        torch.set_float32_matmul_precision("high")
+        logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # milestones only on stdout
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")  # in-memory data needs none
 
-    datamodule = SumSignDataModule(args.train_samples, args.val_samples, args.features, args.seed, args.batch_size)
-    model = SumSignModel(args.features, args.hidden, args.lr, args.batch_size)
-    logger = make_logger(args)
-    best_checkpoint = ModelCheckpoint(monitor="val_loss", mode="min", filename="best-{epoch}")
-    # save_last=True would refresh last.ckpt only in epochs that improve val_loss; a second
-    # checkpoint without a monitor writes it after every completed epoch, as --resume needs.
-    last_checkpoint = ModelCheckpoint(filename="last", enable_version_counter=False)
-    best_metrics, throughput = BestEpochMetrics(), TrainThroughput()
-    callbacks = [best_checkpoint, last_checkpoint, best_metrics, throughput,
-                 EarlyStopping(monitor="val_loss", mode="min", patience=args.patience),
-                 LearningRateMonitor(logging_interval="epoch")]
-    trainer = make_trainer(
-        args, devices=args.devices, num_nodes=args.num_nodes, max_epochs=args.max_epochs,
-        callbacks=[] if args.fast_dev_run else callbacks, logger=not args.fast_dev_run and logger,
-        enable_checkpointing=not args.fast_dev_run, fast_dev_run=args.fast_dev_run,
-    )
+        datamodule = SumSignDataModule(args.train_samples, args.val_samples, args.features, args.seed,
+                                       args.batch_size, args.fresh_data)
+        model = SumSignModel(args.features, args.hidden, args.lr, args.batch_size)
+        logger = make_logger(args)
+        best_checkpoint = ModelCheckpoint(monitor="val_loss", mode="min", filename="best-{epoch}")
+        # save_last=True would refresh last.ckpt only in epochs that improve val_loss; a second
+        # checkpoint without a monitor writes it after every completed epoch, as --resume needs.
+        last_checkpoint = ModelCheckpoint(filename="last", enable_version_counter=False)
+        early_stopping = EarlyStopping(monitor="val_loss", mode="min", patience=args.patience)
+        best_epoch, throughput, tuned = BestEpoch(best_checkpoint), TrainThroughput(), TunedValues(None)
+        trainer = make_trainer(
+            args, devices=args.devices, num_nodes=args.num_nodes, max_epochs=args.max_epochs, logger=logger,
+            callbacks=[best_checkpoint, last_checkpoint, early_stopping, best_epoch, throughput, tuned, stop,
+                       LearningRateMonitor(logging_interval="epoch")],
+            fast_dev_run=args.fast_dev_run, default_root_dir=args.logdir,
+        )
+        stop.watch(trainer, last_checkpoint)
+        say(f"precision: {args.precision} ({args.precision_reason})")
 
-    t_tune = time.perf_counter()
-    tuned = tuned_values(args, trainer, lambda: tune(args, model, datamodule, logger, trainer.world_size))
-    model.hparams.update(tuned)
-    datamodule.batch_size = tuned["batch_size"]
-    if not (args.resume or args.fast_dev_run):
-        log_hyperparameters(logger, args, model)
+        t_tune = time.perf_counter()
+        if args.resume:
+            tuned.values = {k: args.resume_hparams[k] for k in ("batch_size", "lr")}
+        elif args.fast_dev_run:
+            tuned.values = {"batch_size": args.batch_size, "lr": args.lr}
+        elif trainer.is_global_zero:  # once per job; the other ranks get the values in fit()
+            tuned.values = tune(args, model, datamodule, logger, trainer.world_size, stop)
+            log_hyperparameters(logger, args, model)
 
-    t_fit = time.perf_counter()
-    status = fit(trainer, model, datamodule, args, last_checkpoint)
-    t_end = time.perf_counter()
-    if status or args.fast_dev_run:
-        return status
-    seconds = dict(tune_seconds=t_fit - t_tune, fit_seconds=t_end - t_fit, total_seconds=t_end - t_start)
-    return report(args, trainer, model, best_checkpoint, last_checkpoint, best_metrics, throughput, seconds)
+        t_fit = time.perf_counter()
+        stop.phase = "training"
+        trainer.fit(model, datamodule=datamodule, ckpt_path=args.resume)
+        if args.fast_dev_run:
+            return 0
+        t_end = time.perf_counter()
+        seconds = dict(tune_seconds=t_fit - t_tune, fit_seconds=t_end - t_fit, total_seconds=t_end - t_start)
+        stop.phase = "the report"
+        return report(args, trainer, model, best_checkpoint, last_checkpoint, early_stopping, best_epoch,
+                      throughput, seconds)
+    except BaseException as error:  # after a signal, whatever ended the run is its consequence
+        return stop.interrupted(error, argv)
+    finally:
+        stop.restore()
 
 
-def report(args, trainer, model, best_checkpoint, last_checkpoint, best_metrics, throughput, seconds) -> int:
+def report(args, trainer, model, best_checkpoint, last_checkpoint, early_stopping, best_epoch, throughput,
+           seconds) -> int:
     """Rank 0 writes summary.json and prints the result; every rank returns the exit status."""
-    val_loss = trainer.callback_metrics.get("val_loss")
-    diverged = val_loss is None or not torch.isfinite(val_loss).item()
+    diverged = early_stopping.stopping_reason == EarlyStoppingReason.NON_FINITE_METRIC
     if not trainer.is_global_zero:
         return 1 if diverged else 0
     best_path = saved_path(best_checkpoint)
-    best = best_metrics.best
-    if diverged and best_path and not math.isfinite(best["val_loss"]):
-        os.remove(best_path)  # it holds the non-finite weights, not a model worth keeping
+    best_score = best_checkpoint.best_model_score
+    best_val_loss = None if best_score is None else finite_or_none(best_score.item())
+    if best_path and best_val_loss is None:
+        os.remove(best_path)  # it holds the weights of a non-finite val_loss: no model worth keeping
         best_path = ""
-    logger, run_dir = trainer.logger, trainer.logger.log_dir
+    run_dir = trainer.logger.log_dir
     summary = {
         "batch_size": model.hparams.batch_size,
         "lr": model.hparams.lr,
+        "precision": args.precision,
+        "data": "fresh every epoch" if args.fresh_data else "fixed",
+        "world_size": trainer.world_size,
         "epochs": trainer.current_epoch,
-        "stopped_early": trainer.current_epoch < args.max_epochs,
+        "stopped_early": early_stopping.stopping_reason == EarlyStoppingReason.PATIENCE_EXHAUSTED,
         "diverged": diverged,
-        "best_val_loss": best["val_loss"] if best_path else None,
-        "best_val_acc": best["val_acc"] if best_path else None,
+        "best_val_loss": best_val_loss if best_path else None,
+        "best_val_acc": finite_or_none(best_epoch.val_acc) if best_path else None,
         "checkpoint": best_path or None,
         "last_checkpoint": saved_path(last_checkpoint) or None,
         **seconds,
         "train_samples_per_second": throughput.samples_per_second,
         "peak_rss_bytes": peak_rss_bytes(),
+        "peak_gpu_memory_bytes": (torch.cuda.max_memory_allocated() if trainer.strategy.root_device.type == "cuda"
+                                  else None),
     }
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    logger.log_metrics({"best_val_loss": best["val_loss"], "best_val_acc": best["val_acc"]}, trainer.global_step)
-    logger.finalize("success")
+        json.dump(summary, f, indent=2, allow_nan=False)  # strict JSON: null, never NaN
     if diverged:
         say(f"training diverged at epoch {trainer.current_epoch - 1}: val_loss is not finite with "
             f"lr {model.hparams.lr:g}; lower --lr or drop --no-lr-find")
         return 1
-    say(f"best checkpoint: {best_path} (val_loss {best['val_loss']:.4f}, val_acc {best['val_acc']:.4f})")
+    say(f"best checkpoint: {best_path} (val_loss {best_val_loss:.4f}, val_acc {summary['best_val_acc']:.4f})")
     say(f"done in {seconds['total_seconds']:.0f} s: {summary['epochs']} epochs; summary in "
         f"{os.path.join(run_dir, 'summary.json')}; look at it with: tensorboard --logdir={args.logdir}")
     return 0

@@ -1,4 +1,5 @@
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -13,38 +14,66 @@ sys.path.insert(0, str(ROOT))
 
 # Tiny shapes: 32 features and a few thousand samples train in a second or two an epoch.
 TINY = ["--features", "32", "--train-samples", "4000", "--val-samples", "500", "--hidden", "64"]
+# The default width, with tiny data: at --hidden 2048 the LR finder stops early (the loss blows
+# up) and Lightning validates inside it, which is where distributed runs used to deadlock.
+WIDE = ["--features", "32", "--train-samples", "4000", "--val-samples", "500", "--hidden", "2048"]
 
 
-def run_train(*args, cwd, timeout=300, check=True):
+def run_train(*args, cwd, timeout=300, check=True, env=None):
     """Run train.py in a fresh process, as a user would; returns the CompletedProcess."""
     proc = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
     return proc
 
 
-def start_train(*args, cwd):
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+def start_train(*args, cwd, env=None, launcher=None):
+    """train.py (or `launcher` + train.py) in its own session, as a terminal would run a job."""
+    command = [*(launcher or [sys.executable]), str(ROOT / "train.py"), *args]
+    return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def wait_for(path_glob, proc, root: Path, timeout=120):
+    """Wait until a file matching `path_glob` exists under `root`, while `proc` runs."""
+    deadline = time.monotonic() + timeout
+    while not (root.is_dir() and list(root.glob(path_glob))):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"no {path_glob} in time"
+        time.sleep(0.02)
 
 
 def interrupt_after_first_epoch(proc, last_ckpt: Path, sig=signal.SIGINT, timeout=120):
     """Wait until the run has saved a completed epoch, then send `sig`; returns (rc, out, err, seconds)."""
-    deadline = time.monotonic() + timeout
-    while not last_ckpt.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "no epoch completed in time"
-        time.sleep(0.05)
+    wait_for(last_ckpt.name, proc, last_ckpt.parent, timeout)
     time.sleep(0.3)  # into the next epoch, so the signal lands mid-epoch
     sent = time.monotonic()
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     return proc.returncode, out, err, time.monotonic() - sent
+
+
+def pids_running(marker: str) -> list[int]:
+    """Processes whose command line holds `marker` (a test's own folder): every rank of its job."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(entry.name))
+        except OSError:
+            pass
+    return pids
+
+
+def kill_all(marker: str) -> None:
+    for pid in pids_running(marker):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def free_port() -> int:

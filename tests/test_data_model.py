@@ -1,30 +1,32 @@
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from train import CODE_MAX, SumSignDataset, SumSignModel
+import train
+from train import SumSignDataModule, SumSignDataset, SumSignModel
 
 
 def test_labels_say_whether_the_features_sum_above_zero():
     data = SumSignDataset(3000, 32, seed=0, split="train")
-    x, y = data.__getitems__(list(range(len(data))))
+    x, y = data[torch.arange(len(data))]
     assert x.shape == (3000, 32) and y.shape == (3000,)
-    assert x.min() >= -1 and x.max() <= 1
+    assert x.min() > -1 and x.max() < 1
     assert torch.equal(y, (x.double().sum(1) > 0).float())
     assert set(y.unique().tolist()) == {0.0, 1.0}
     assert 0.4 < y.mean() < 0.6
-    # uniform on [-1, 1]: mean 0, variance 1/3 (plus 1/(3*127) from the 255-point grid)
-    assert abs(x.mean()) < 0.01
-    assert x.var().item() == pytest.approx((1 + 1 / CODE_MAX) / 3, rel=0.02)
+    # uniform on the 256 points (2k + 1) / 256 of (-1, 1): mean 0, variance (1 - 1/256**2) / 3
+    assert abs(x.mean()) < 0.01 and len(x.unique()) == 256
+    assert x.var().item() == pytest.approx((1 - 1 / 256**2) / 3, rel=0.02)
 
 
-def test_batch_fetch_matches_single_samples():
+def test_batch_fetch_matches_single_rows():
     data = SumSignDataset(100, 16, seed=1, split="val")
-    xb, yb = data.__getitems__([5, 0, 99])
+    xb, yb = data[torch.tensor([5, 0, 99])]
     for row, i in enumerate([5, 0, 99]):
-        x, y = data[i]
-        assert torch.equal(xb[row], x) and yb[row] == y
+        x, y = data[torch.tensor([i])]
+        assert torch.equal(xb[row], x[0]) and yb[row] == y[0]
 
 
 def test_each_split_is_a_pure_function_of_seed_and_split():
@@ -42,6 +44,57 @@ def test_each_split_is_a_pure_function_of_seed_and_split():
     assert torch.equal(SumSignDataset(300, 24, seed=7, split="train").codes, a.codes[:300])
 
 
+def datamodule_at(epoch, fresh_data, rank=0, world_size=1, samples=1000, batch_size=64):
+    """The DataModule as Lightning drives it, for one epoch on one rank, without a Trainer."""
+    dm = SumSignDataModule(samples, 300, 20, seed=3, batch_size=batch_size, fresh_data=fresh_data)
+    dm.trainer = SimpleNamespace(current_epoch=epoch, global_rank=rank, world_size=world_size,
+                                 strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    dm.setup("fit")
+    return dm
+
+
+def epoch_rows(dm) -> tuple[torch.Tensor, torch.Tensor]:
+    batches = list(dm.train_dataloader())
+    return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+
+
+def row_set(x: torch.Tensor) -> set:
+    return {tuple(row) for row in x.tolist()}
+
+
+def test_fresh_data_is_new_every_epoch_and_the_same_on_every_rerun():
+    x0, y0 = epoch_rows(datamodule_at(0, fresh_data=True))
+    x1, _ = epoch_rows(datamodule_at(1, fresh_data=True))
+    assert x0.shape == (1000, 20) and torch.equal(y0, (x0.double().sum(1) > 0).float())
+    assert torch.equal(x0, epoch_rows(datamodule_at(0, fresh_data=True))[0])  # a rerun, a resume
+    assert not row_set(x0) & row_set(x1)
+    val = datamodule_at(0, fresh_data=True)
+    x_val = torch.cat([x for x, _ in val.val_dataloader()])
+    assert torch.equal(x_val, val.val_set[torch.arange(300)][0])  # fixed, in order
+    assert not row_set(x_val) & (row_set(x0) | row_set(x1))
+    assert datamodule_at(0, fresh_data=True).train_set is None  # nothing stored
+
+
+@pytest.mark.parametrize("fresh_data", [False, True], ids=["fixed", "fresh"])
+def test_ranks_draw_disjoint_shards_of_equal_length(fresh_data):
+    shards = [epoch_rows(datamodule_at(2, fresh_data, rank, world_size=3, samples=1000))[0] for rank in range(3)]
+    assert [len(s) for s in shards] == [334] * 3  # 1000 rows padded to 1002, as DistributedSampler does
+    rows = [row_set(s) for s in shards]
+    shared = len(rows[0] & rows[1]) + len(rows[0] & rows[2]) + len(rows[1] & rows[2])
+    if fresh_data:
+        assert shared == 0
+    else:  # together the whole set; only the 2 padding rows repeat rows of another rank
+        assert set().union(*rows) == row_set(datamodule_at(2, False).train_set[torch.arange(1000)][0])
+        assert shared <= 2
+
+
+def test_fixed_set_is_shuffled_by_epoch_alone():
+    x0, _ = epoch_rows(datamodule_at(0, fresh_data=False))
+    x1, _ = epoch_rows(datamodule_at(1, fresh_data=False))
+    assert row_set(x0) == row_set(x1) and not torch.equal(x0, x1)
+    assert torch.equal(x1, epoch_rows(datamodule_at(1, fresh_data=False))[0])
+
+
 def test_model_shapes_and_outputs():
     model = SumSignModel(features=40, hidden=8, lr=1e-3, batch_size=4)
     assert model.hidden.weight.shape == (8, 40) and model.out.weight.shape == (1, 8)
@@ -56,11 +109,32 @@ def test_model_shapes_and_outputs():
     assert torch.allclose(model.logits(x), x @ w + b, atol=1e-5)
 
 
-def test_loss_is_finite_where_sigmoid_saturates():
+def test_training_loss_is_finite_where_sigmoid_saturates():
     model = SumSignModel(features=4, hidden=2)
     with torch.no_grad():
         model.hidden.weight.fill_(1e4)
-    x = torch.ones(2, 4)
-    y = torch.tensor([0.0, 1.0])
-    loss = torch.nn.functional.binary_cross_entropy_with_logits(model.logits(x), y)
+    x, y = torch.ones(2, 4), torch.tensor([0.0, 1.0])
+    assert set(model(x).tolist()) <= {0.0, 1.0}  # sigmoid has saturated: BCE on it would take log(0)
+    with pytest.warns(UserWarning, match="self.log"):  # no Trainer attached: nothing to log to
+        loss = model.training_step((x, y), 0)
     assert math.isfinite(loss.item()) and loss.item() > 1e3
+
+
+@pytest.mark.parametrize("flags,precision", [
+    ({"avx2", "fma"}, "32-true"),  # the AVX2-only EPYC: bf16 would be emulated
+    ({"avx2", "avx512f", "avx512_bf16"}, "bf16-mixed"),  # AMD Zen 4
+    ({"avx512f", "amx_tile", "amx_bf16"}, "bf16-mixed"),  # Intel Xeon with AMX
+    (set(), "32-true"),  # flags unknown (not Linux)
+])
+def test_auto_precision_follows_the_cpu_flags(flags, precision, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train.auto_precision("cpu", flags)[0] == precision
+    assert train.auto_precision("mps", flags)[0] == "32-true"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_on_a_gpu(native, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native)
+    assert train.auto_precision("gpu", set())[0] == ("bf16-mixed" if native else "32-true")

@@ -1,46 +1,204 @@
-"""Two CPU processes (gloo) train one model, whether this script or torchrun starts them."""
+"""Two CPU processes (gloo) train one model at the default width, whoever starts them: this
+script, torchrun (standalone, with a master address, as two nodes), two hand-started nodes, or
+SLURM. Every job runs under a timeout: a hang fails the test instead of stalling CI."""
 
+import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import time
+from types import SimpleNamespace
 
+import pytest
 import torch
 
-from conftest import ROOT, TINY, free_port, run_train, summary
-from train import SumSignDataset, SumSignModel
+import train
+from conftest import (ROOT, WIDE, free_port, kill_all, pids_running, start_train, summary, wait_for)
 
-DDP = [*TINY, "--accelerator", "cpu", "--devices", "2", "--max-epochs", "15"]
+DDP = [*WIDE, "--accelerator", "cpu", "--max-epochs", "5"]
+JOB_TIMEOUT = 240  # seconds; a job of these sizes takes 20-40 s on 2 cores
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
-def check_one_run(workdir, stdout, stderr):
-    assert len(re.findall(r"^batch size: \d+ per device", stdout, re.M)) == 1  # tuned once
+def run_job(workdir, commands, timeout=JOB_TIMEOUT):
+    """Start every (argv, extra env) of a job at once, wait for all; kill them all on timeout."""
+    procs = [subprocess.Popen(argv, cwd=workdir, env={**os.environ, **env}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for argv, env in commands]
+    deadline, outputs = time.monotonic() + timeout, []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=max(1, deadline - time.monotonic())))
+    except subprocess.TimeoutExpired:
+        kill_all(str(workdir))
+        pytest.fail(f"the job hung: still running after {timeout} s")
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-2000:]}\n{err[-3000:]}"
+    return "".join(out for out, _ in outputs), "".join(err for _, err in outputs)
+
+
+def train_argv(*flags, workdir):
+    # --logdir spelled out: the test's own folder in every rank's command line finds stray ranks
+    return [str(ROOT / "train.py"), *DDP, *flags, "--logdir", str(workdir / "lightning_logs")]
+
+
+def check_one_run(workdir, stdout, stderr, world_size=2):
+    assert len(re.findall(r"^batch size: \d+ per device", stdout, re.M)) == 1  # one batch-size search
     assert len(re.findall(r"Finding best initial lr:\s+0%", stdout + stderr)) == 1  # one LR finder in the job
     assert len(re.findall(r"^learning rate: ", stdout, re.M)) == 1
     assert len(re.findall(r"^best checkpoint: ", stdout, re.M)) == 1
     assert sorted(p.name for p in (workdir / "lightning_logs").iterdir()) == ["version_0"]
     run = workdir / "lightning_logs" / "version_0"
-    assert len(list(run.glob("summary.json"))) == 1 and (run / "lr_finder.png").is_file()
+    assert (run / "lr_finder.png").is_file()
     s = summary(run)
+    assert s["world_size"] == world_size
     # 4000 samples over 2 ranks: at least 64 steps an epoch on each
     assert s["batch_size"] <= 2000 // 64 and s["best_val_acc"] >= 0.95
-    model = SumSignModel.load_from_checkpoint(s["checkpoint"], map_location="cpu").eval()
-    x, y = SumSignDataset(2000, 32, seed=1234, split="val").__getitems__(list(range(2000)))
+    model = train.SumSignModel.load_from_checkpoint(s["checkpoint"], map_location="cpu").eval()
+    x, y = train.SumSignDataset(2000, 32, seed=1234, split="never seen")[torch.arange(2000)]
     with torch.no_grad():
         accuracy = ((model(x) > 0.5).float() == y).float().mean().item()
     assert accuracy >= 0.95
+    assert pids_running(str(workdir)) == []
     return s
 
 
-def test_script_starts_its_own_ranks(workdir):
-    proc = run_train(*DDP, cwd=workdir)
-    check_one_run(workdir, proc.stdout, proc.stderr)
+def test_script_starts_its_own_ranks_and_ignores_a_stale_hand_off(workdir):
+    # An old hand-off variable in the user's shell must not make the job skip tuning.
+    stale = {"SUM_SIGN_TUNED": '{"batch_size": 7, "lr": 0.5}'}
+    out, err = run_job(workdir, [([sys.executable, *train_argv("--devices", "2", workdir=workdir)], stale)])
+    assert check_one_run(workdir, out, err)["batch_size"] != 7
 
 
-def test_torchrun_starts_the_ranks(workdir):
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         str(ROOT / "train.py"), *DDP],
-        cwd=workdir, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    check_one_run(workdir, proc.stdout, proc.stderr)
+def test_two_nodes_started_by_hand(workdir):
+    port = free_port()
+    out, err = run_job(workdir, [
+        ([sys.executable, *train_argv("--devices", "1", "--num-nodes", "2", workdir=workdir)],
+         {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": str(rank)}) for rank in (0, 1)])
+    check_one_run(workdir, out, err)
+
+
+@pytest.mark.parametrize("rendezvous", [["--standalone"], ["--master_addr", "127.0.0.1", "--master_port", "PORT"]],
+                         ids=["standalone", "master-address"])
+def test_torchrun_one_node(workdir, rendezvous):
+    rendezvous = [str(free_port()) if a == "PORT" else a for a in rendezvous]
+    out, err = run_job(workdir, [([*TORCHRUN, *rendezvous, "--nproc_per_node", "2",
+                                   *train_argv("--devices", "2", workdir=workdir)], {})])
+    check_one_run(workdir, out, err)
+
+
+def test_torchrun_two_nodes(workdir):
+    port = str(free_port())
+    out, err = run_job(workdir, [
+        ([*TORCHRUN, "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1", "--master_addr",
+          "127.0.0.1", "--master_port", port, *train_argv("--devices", "1", "--num-nodes", "2", workdir=workdir)],
+         {}) for rank in (0, 1)])
+    check_one_run(workdir, out, err)
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def slurm_env(rank: int, port: int) -> dict:
+    """What srun sets for task `rank` of a 2-task, 1-node job; Lightning takes its port from the job id."""
+    return {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_PROCID": str(rank),
+            "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0", "SLURM_JOB_ID": str(port - 15000),
+            "SLURM_JOB_NAME": "train", "SLURM_NODELIST": "127.0.0.1"}
+
+
+def test_slurm(workdir):
+    port = next(p for p in range(15000 + os.getpid() % 9000, 25000) if port_is_free(p))
+    out, err = run_job(workdir, [([sys.executable, *train_argv("--devices", "2", workdir=workdir)],
+                                  slurm_env(rank, port)) for rank in (0, 1)])
+    check_one_run(workdir, out, err)
+
+
+def test_ranks_that_disagree_stop_the_job_with_one_line():
+    # Rank 1 would train with batch size 31, the others with 32: a fake gather shows what each has.
+    gathered = torch.tensor([[32.0, 1e-3], [31.0, 1e-3]], dtype=torch.float64)
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(batch_size=32), global_rank=0,
+                              optimizers=[SimpleNamespace(param_groups=[{"lr": 1e-3}])],
+                              strategy=SimpleNamespace(all_gather=lambda tensor: gathered))
+    with pytest.raises(SystemExit) as stop:
+        train.TunedValues(None).on_train_start(trainer, SimpleNamespace(device=torch.device("cpu")))
+    assert "ranks disagree" in str(stop.value.code) and "\n" not in str(stop.value.code)
+    trainer.strategy.all_gather = lambda tensor: torch.stack([tensor, tensor])
+    train.TunedValues(None).on_train_start(trainer, SimpleNamespace(device=torch.device("cpu")))  # agreeing ranks
+
+
+# --- signals: every rank ends within 30 s, with 128 + signal, and last.ckpt resumes -----------------
+SLOW_TUNING = ["--lr-find-steps", "3000"]  # a few seconds of LR finder to land a signal in
+
+
+def assert_job_ends(proc, workdir, sig, seconds=30):
+    out, err = proc.communicate(timeout=seconds + 30)
+    deadline = time.monotonic() + seconds
+    while pids_running(str(workdir)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    stray = pids_running(str(workdir))
+    kill_all(str(workdir))
+    assert stray == [], "a rank outlived the job"
+    return proc.returncode, out, err
+
+
+def assert_exit_status(launcher, rc, err, sig):
+    if launcher == "script":  # the process the user started is rank 0
+        assert rc == 128 + sig and "Traceback" not in err, err[-3000:]
+    else:  # torchrun reports a signal with a traceback of its own and exit status 1; no rank adds one
+        assert rc == 1 and err.count("Traceback") == 1 and "SignalException" in err, err[-3000:]
+
+
+@pytest.mark.parametrize("launcher", ["script", "torchrun"])
+def test_sigterm_during_fit_then_resume_under_the_same_launcher(workdir, launcher):
+    launch = None if launcher == "script" else [*TORCHRUN, "--standalone", "--nproc_per_node", "2"]
+    flags = ["--devices", "2", "--max-epochs", "4", "--train-samples", "16000"]
+    proc = start_train(*DDP[:-2], *flags, "--logdir", str(workdir / "lightning_logs"), cwd=workdir,
+                       launcher=launch)
+    last = workdir / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    wait_for(last.name, proc, last.parent, timeout=JOB_TIMEOUT)
+    os.kill(proc.pid, signal.SIGTERM)  # torchrun passes it on to every rank; Lightning's launcher too
+    rc, out, err = assert_job_ends(proc, workdir, signal.SIGTERM)
+    assert_exit_status(launcher, rc, err, signal.SIGTERM)
+    assert re.search(r"^interrupted by SIGTERM during training; resume with: .*--resume \S+last\.ckpt$", out, re.M)
+    epoch = torch.load(last, map_location="cpu", weights_only=False)["epoch"]
+    resumed = start_train(*DDP[:-2], *flags, "--logdir", str(workdir / "lightning_logs"), "--resume", str(last),
+                          cwd=workdir, launcher=launch)
+    rc, out, err = assert_job_ends(resumed, workdir, None, seconds=JOB_TIMEOUT)
+    assert rc == 0, err[-3000:]
+    assert "batch size:" not in out and sorted(p.name for p in (workdir / "lightning_logs").iterdir()) == ["version_0"]
+    s = summary(workdir / "lightning_logs" / "version_0")
+    assert s["epochs"] == 4 > epoch and s["world_size"] == 2
+
+
+@pytest.mark.parametrize("launcher,sig", [("script", signal.SIGTERM), ("torchrun", signal.SIGTERM),
+                                          ("script", signal.SIGINT)], ids=["script-SIGTERM", "torchrun-SIGTERM",
+                                                                           "script-Ctrl-C"])
+def test_signal_during_tuning_ends_every_rank(workdir, launcher, sig):
+    launch = None if launcher == "script" else [*TORCHRUN, "--standalone", "--nproc_per_node", "2"]
+    proc = start_train(*DDP, *SLOW_TUNING, "--devices", "2", "--logdir", str(workdir / "lightning_logs"),
+                       cwd=workdir, launcher=launch)
+    wait_for(".tuning-*/.lr_find_*.ckpt", proc, workdir / "lightning_logs")
+    if sig == signal.SIGINT:  # Ctrl-C: the terminal signals the whole foreground process group
+        os.killpg(proc.pid, sig)
+    else:
+        os.kill(proc.pid, sig)
+    rc, out, err = assert_job_ends(proc, workdir, sig)
+    assert_exit_status(launcher, rc, err, sig)
+    assert re.search(rf"^interrupted by {sig.name} during the LR finder; no epoch had completed", out, re.M), out
+    assert not list((workdir / "lightning_logs").glob(".*")), "a tuner's temporary file was left"
+
+
+@pytest.mark.parametrize("launcher", ["script", "torchrun"])
+def test_ctrl_c_during_fit(workdir, launcher):
+    launch = None if launcher == "script" else [*TORCHRUN, "--standalone", "--nproc_per_node", "2"]
+    proc = start_train(*DDP[:-2], "--devices", "2", "--max-epochs", "4", "--train-samples", "16000",
+                       "--logdir", str(workdir / "lightning_logs"), cwd=workdir, launcher=launch)
+    last = workdir / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    wait_for(last.name, proc, last.parent, timeout=JOB_TIMEOUT)
+    os.killpg(proc.pid, signal.SIGINT)  # torchrun's ranks sit in sessions of their own: it passes Ctrl-C on
+    rc, out, err = assert_job_ends(proc, workdir, signal.SIGINT)
+    assert_exit_status(launcher, rc, err, signal.SIGINT)
+    assert re.search(r"^interrupted by SIGINT during training; resume with: ", out, re.M), out

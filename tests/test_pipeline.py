@@ -21,10 +21,15 @@ def test_run_folder_holds_checkpoints_plot_and_summary(default_run):
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert "last.ckpt" in ckpts and len(ckpts) == 2, ckpts
     assert (run / "lr_finder.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(list(run.glob("events.out.tfevents.*"))) == 1  # one writer, closed once
+    assert [p.name for p in logdir.glob(".*")] == []  # the tuners' scratch folder is gone
     s = summary(run)
-    for key in ("batch_size", "lr", "epochs", "stopped_early", "best_val_loss", "best_val_acc", "checkpoint",
-                "tune_seconds", "fit_seconds", "total_seconds", "train_samples_per_second", "peak_rss_bytes"):
-        assert key in s, key
+    assert set(s) == {"batch_size", "lr", "precision", "data", "world_size", "epochs", "stopped_early", "diverged",
+                      "best_val_loss", "best_val_acc", "checkpoint", "last_checkpoint", "tune_seconds",
+                      "fit_seconds", "total_seconds", "train_samples_per_second", "peak_rss_bytes",
+                      "peak_gpu_memory_bytes"}
+    assert s["precision"] in ("32-true", "bf16-mixed") and s["data"] == "fixed" and s["world_size"] == 1
+    assert s["peak_gpu_memory_bytes"] is None  # CPU run
     assert Path(s["checkpoint"]).is_file() and Path(s["checkpoint"]).parent == run / "checkpoints"
     assert 1 <= s["epochs"] <= MAX_EPOCHS
     assert s["stopped_early"] == (s["epochs"] < MAX_EPOCHS)
@@ -42,6 +47,7 @@ def test_run_folder_holds_checkpoints_plot_and_summary(default_run):
 def test_milestones_are_printed_once(default_run):
     _, proc = default_run
     out = proc.stdout
+    assert len(re.findall(r"^precision: (32-true|bf16-mixed) \(auto: .+\)$", out, re.M)) == 1
     assert len(re.findall(r"^batch size: \d+ per device \(scaling stopped at: .+\)$", out, re.M)) == 1
     assert len(re.findall(r"^learning rate: [0-9.e-]+$", out, re.M)) == 1
     assert len(re.findall(r"^best checkpoint: .+best-epoch=\d+\.ckpt \(val_loss", out, re.M)) == 1
@@ -54,12 +60,6 @@ def test_checkpoint_keeps_the_tuned_values(default_run):
     hp = torch.load(s["checkpoint"], weights_only=False)["hyper_parameters"]
     assert hp["batch_size"] == s["batch_size"] and hp["lr"] == s["lr"]
     assert hp["features"] == 32 and hp["hidden"] == 64
-
-
-def test_no_tuner_files_are_left(default_run):
-    cwd, _ = default_run
-    left = [p for p in cwd.rglob("*") if p.name.startswith((".scale_batch_size", ".lr_find"))]
-    assert left == []
 
 
 def test_tensorboard_holds_curves_hparams_and_lr_plot(default_run):
@@ -84,7 +84,8 @@ def test_tensorboard_holds_curves_hparams_and_lr_plot(default_run):
     assert "lr_finder" in tags["images"]
     hparams = (run / "hparams.yaml").read_text()
     assert f"batch_size: {s['batch_size']}\n" in hparams and f"lr: {s['lr']}\n" in hparams
-    assert "features: 32\n" in hparams and "hp_metric" not in tags["scalars"]
+    assert "features: 32\n" in hparams and f"precision: {s['precision']}\n" in hparams
+    assert "fresh_data: false\n" in hparams and "hp_metric" not in tags["scalars"]
 
 
 def test_early_stopping_ends_a_plateaued_run(workdir):
@@ -93,7 +94,7 @@ def test_early_stopping_ends_a_plateaued_run(workdir):
     run_train(*TINY, "--no-lr-find", "--lr", "0.02", "--patience", "2", "--max-epochs", "60", cwd=workdir)
     run = workdir / "lightning_logs" / "version_0"
     s = summary(run)
-    assert s["stopped_early"] and s["epochs"] < 60
+    assert s["stopped_early"] and not s["diverged"] and s["epochs"] < 60
     best_epoch = int(re.search(r"best-epoch=(\d+)\.ckpt", s["checkpoint"]).group(1))
     assert s["epochs"] == best_epoch + 2 + 1
     events = EventAccumulator(str(run)).Reload()
@@ -128,9 +129,12 @@ def test_resume_with_other_sizes_is_refused(default_run):
     cwd, _ = default_run
     last = cwd / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     before = sorted(p.name for p in (cwd / "lightning_logs").iterdir())
-    for flag in ("--features", "--hidden"):
+    for flag in ("--features", "--hidden", "--fresh-data"):
         argv = [*TINY, "--resume", str(last)]
-        argv[argv.index(flag) + 1] = "16"
+        if flag == "--fresh-data":
+            argv.append(flag)
+        else:
+            argv[argv.index(flag) + 1] = "16"
         proc = run_train(*argv, cwd=cwd, check=False)
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert "--resume" in proc.stderr and flag in proc.stderr
