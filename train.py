@@ -52,6 +52,7 @@ GENERATION_CHUNK_ROWS = 1024  # rows drawn at a time: bounds the int32 temporari
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
 NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs with bf16 matmul units
 MEMORY_FRACTION = 0.5  # of the RAM available when tuning starts that batches may use
+LR_DECAY = 0.5  # factor on the learning rate each time val_loss stalls for --lr-patience epochs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,10 +68,12 @@ def random_codes(rows: int, features: int, generator: torch.Generator) -> torch.
     return bits.view(torch.int8)[: rows * features].view(rows, features)
 
 
-def values_and_labels(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    x = codes.float().mul_(2 / 256).add_(1 / 256)  # exact in float32 and in bf16
-    y = (2 * codes.sum(1, dtype=torch.int32) + codes.shape[1] > 0).float()
-    return x, y
+def values(codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return codes.to(dtype).mul_(2 / 256).add_(1 / 256)  # (2k + 1) / 256: exact in float32, bf16 and float16
+
+
+def labels(codes: torch.Tensor) -> torch.Tensor:
+    return (2 * codes.sum(1, dtype=torch.int32) + codes.shape[1] > 0).float()
 
 
 class SumSignDataset(Dataset):
@@ -87,7 +90,7 @@ class SumSignDataset(Dataset):
         for start in range(0, samples, GENERATION_CHUNK_ROWS):
             codes = random_codes(min(GENERATION_CHUNK_ROWS, samples - start), features, generator)
             self.codes[start : start + len(codes)] = codes
-            self.labels[start : start + len(codes)] = values_and_labels(codes)[1]
+            self.labels[start : start + len(codes)] = labels(codes)
 
     def to(self, device: torch.device) -> "SumSignDataset":
         self.codes, self.labels = self.codes.to(device), self.labels.to(device)
@@ -97,23 +100,27 @@ class SumSignDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rows at the indices `rows` (a tensor on the data's device): one gather, no copy to wait for."""
-        return values_and_labels(self.codes[rows])[0], self.labels[rows]
+        """The rows at the indices `rows`, a tensor on the data's device."""
+        return self.batch(rows, torch.float32)
+
+    def batch(self, rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # index_select: one gather where the data lives (indexing with [] is 18x slower on CPU)
+        return values(self.codes.index_select(0, rows), dtype), self.labels.index_select(0, rows)
 
 
 class EpochRows(Dataset):
     """One rank's rows of a fixed split, in one epoch's order. An item is a whole batch: the rows
-    at a slice of positions, gathered where the data lives.
+    at a slice of positions, with values in `dtype`.
     """
 
-    def __init__(self, split: SumSignDataset, order: torch.Tensor):
-        self.split, self.order = split, order
+    def __init__(self, split: SumSignDataset, order: torch.Tensor, dtype: torch.dtype):
+        self.split, self.order, self.dtype = split, order, dtype
 
     def __len__(self) -> int:
         return len(self.order)
 
     def __getitem__(self, positions: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.split[self.order[positions]]
+        return self.split.batch(self.order[positions], self.dtype)
 
 
 class FreshRows(Dataset):
@@ -123,15 +130,16 @@ class FreshRows(Dataset):
     start): every epoch is new data, reruns and resumed runs draw the same, ranks draw different rows.
     """
 
-    def __init__(self, rows: int, features: int, key: tuple, device: torch.device):
-        self.rows, self.features, self.key, self.device = rows, features, key, device
+    def __init__(self, rows: int, features: int, key: tuple, device: torch.device, dtype: torch.dtype):
+        self.rows, self.features, self.key, self.device, self.dtype = rows, features, key, device, dtype
 
     def __len__(self) -> int:
         return self.rows
 
     def __getitem__(self, positions: slice) -> tuple[torch.Tensor, torch.Tensor]:
         generator = random_stream(self.device, *self.key, positions.start)
-        return values_and_labels(random_codes(len(range(self.rows)[positions]), self.features, generator))
+        codes = random_codes(len(range(self.rows)[positions]), self.features, generator)
+        return values(codes, self.dtype), labels(codes)
 
 
 class SumSignDataModule(pl.LightningDataModule):
@@ -158,6 +166,12 @@ class SumSignDataModule(pl.LightningDataModule):
         world, rank = self.trainer.world_size, self.trainer.global_rank
         return torch.cat([order, order[: -len(order) % world]])[rank::world]
 
+    @property
+    def dtype(self) -> torch.dtype:
+        # Batches come in the type the first matmul runs in: the values are exact in each, and a
+        # float32 batch at the defaults (43 MB) costs more to allocate than to fill.
+        return {"bf16": torch.bfloat16, "16": torch.float16}.get(self.trainer.precision.split("-")[0], torch.float32)
+
     def _loader(self, rows: Dataset) -> DataLoader:
         # The sampler hands out slices, one per batch, and the dataset answers each with a whole
         # batch (batch_size=None): no per-sample Python work, no collation, no index list to copy.
@@ -170,22 +184,24 @@ class SumSignDataModule(pl.LightningDataModule):
         hp, epoch, device = self.hparams, self.trainer.current_epoch, self.trainer.strategy.root_device
         if hp.fresh_data:
             rows = -(-hp.train_samples // self.trainer.world_size)  # per rank, as _shard pads
-            return self._loader(FreshRows(rows, hp.features, (hp.seed, "train", epoch, self.trainer.global_rank), device))
+            key = (hp.seed, "train", epoch, self.trainer.global_rank)
+            return self._loader(FreshRows(rows, hp.features, key, device, self.dtype))
         # The permutation is drawn on the data's device: no index list crosses from the host.
         generator = random_stream(device, hp.seed, "order", epoch)
         order = torch.randperm(hp.train_samples, generator=generator, device=device)
-        return self._loader(EpochRows(self.train_set, self._shard(order)))
+        return self._loader(EpochRows(self.train_set, self._shard(order), self.dtype))
 
     def val_dataloader(self) -> DataLoader:
         order = torch.arange(len(self.val_set), device=self.val_set.labels.device)
-        return self._loader(EpochRows(self.val_set, self._shard(order)))
+        return self._loader(EpochRows(self.val_set, self._shard(order), self.dtype))
 
 
 # ---------------------------------------------------------------------------------------------
 class SumSignModel(pl.LightningModule):
     """Linear(features, hidden) -> Linear(hidden, 1) -> sigmoid, trained with Adam on BCE."""
 
-    def __init__(self, features: int = 21000, hidden: int = 2048, lr: float = 1e-6, batch_size: int = 512):
+    def __init__(self, features: int = 21000, hidden: int = 2048, lr: float = 1e-6, batch_size: int = 512,
+                 lr_patience: int = 1):
         super().__init__()
         # The tuners write the found batch_size and lr into self.hparams, so checkpoints keep them.
         # logger=False: main() logs the tuned values itself; Lightning would log the initial ones.
@@ -206,10 +222,14 @@ class SumSignModel(pl.LightningModule):
         logits = self.logits(x)
         # From logits: stable where sigmoid would round to 0 or 1 and BCE would take log(0).
         loss = F.binary_cross_entropy_with_logits(logits, y.to(logits.dtype))
-        self.log(f"{stage}_loss", loss, prog_bar=True, sync_dist=stage == "val")
-        if stage == "train":  # per step above (Lightning's default for training), and per epoch
-            self.log("train_loss_epoch", loss, on_step=False, on_epoch=True)
+        if stage == "train":  # per step (Lightning's default for training) and per epoch
+            # Lightning turns the bar's per-step values into numbers after every batch: on a GPU a
+            # host sync each step. There the bar shows the epoch's mean loss; TensorBoard has both.
+            on_cpu = self.device.type == "cpu"
+            self.log("train_loss", loss, prog_bar=on_cpu)
+            self.log("train_loss_epoch", loss, on_step=False, on_epoch=True, prog_bar=not on_cpu)
         else:
+            self.log("val_loss", loss, prog_bar=True, sync_dist=True)
             self.val_acc(logits, y)
             self.log("val_acc", self.val_acc, prog_bar=True)
         return loss
@@ -222,7 +242,13 @@ class SumSignModel(pl.LightningModule):
 
     def configure_optimizers(self):
         # fused: one kernel for the whole update instead of a few per tensor (measured in bench/).
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, fused=True)
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, fused=True)
+        # The LR finder picks the rate of steepest descent, whose step noise puts a floor under the
+        # loss: with fresh data at 2100 features val_acc stalls at 0.948 on it, and reaches 0.997
+        # when the rate is halved each time val_loss stalls (README.md, bench/learning_curve.py).
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=LR_DECAY,
+                                                             patience=self.hparams.lr_patience)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, "monitor": "val_loss"}}
 
 
 class TrainThroughput(Callback):
@@ -455,6 +481,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--max-epochs", type=count, default=100, help="upper bound on epochs (default: 100)")
     train.add_argument("--patience", type=bounded(int, 0, "an integer >= 0"), default=5,
                        help="epochs without a lower val_loss before early stopping (default: 5)")
+    train.add_argument("--lr-patience", type=bounded(int, 0, "an integer >= 0"), default=1,
+                       help=f"epochs without a lower val_loss before the learning rate is multiplied by "
+                            f"{LR_DECAY}; below --patience, so it acts before early stopping (default: 1)")
     train.add_argument("--logdir", default="lightning_logs",
                        help="runs go to LOGDIR/version_N (default: lightning_logs)")
     train.add_argument("--resume", metavar="CKPT", default=None,
@@ -505,6 +534,8 @@ def checkpoint_hparams(p: OneLineParser, args: argparse.Namespace) -> dict:
             raise KeyError("not a training checkpoint")
     except Exception:
         p.error(f"argument --resume: {args.resume!r} is not a checkpoint written by train.py")
+    if "optimizer_states" not in checkpoint:
+        p.error(f"argument --resume: {args.resume!r} holds weights only; resume from the run's last.ckpt")
     for flag in ("features", "hidden", "fresh_data"):
         if hparams.get(flag) != getattr(args, flag):
             p.error(f"argument --resume: the checkpoint was made with --{flag.replace('_', '-')} "
@@ -676,9 +707,10 @@ def main(argv=None) -> int:
 
         datamodule = SumSignDataModule(args.train_samples, args.val_samples, args.features, args.seed,
                                        args.batch_size, args.fresh_data)
-        model = SumSignModel(args.features, args.hidden, args.lr, args.batch_size)
+        model = SumSignModel(args.features, args.hidden, args.lr, args.batch_size, args.lr_patience)
         logger = make_logger(args)
-        best_checkpoint = ModelCheckpoint(monitor="val_loss", mode="min", filename="best-{epoch}")
+        # The best checkpoint is for predicting: weights only, a third of a full one's size and time to write.
+        best_checkpoint = ModelCheckpoint(monitor="val_loss", mode="min", filename="best-{epoch}", save_weights_only=True)
         # save_last=True would refresh last.ckpt only in epochs that improve val_loss; a second
         # checkpoint without a monitor writes it after every completed epoch, as --resume needs.
         last_checkpoint = ModelCheckpoint(filename="last", enable_version_counter=False)

@@ -138,4 +138,7 @@ def test_resume_with_other_sizes_is_refused(default_run):
         proc = run_train(*argv, cwd=cwd, check=False)
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert "--resume" in proc.stderr and flag in proc.stderr
+    best = summary(cwd / "lightning_logs" / "version_0")["checkpoint"]  # weights only: for predicting
+    proc = run_train(*TINY, "--resume", best, cwd=cwd, check=False)
+    assert proc.returncode == 2 and "weights only" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in (cwd / "lightning_logs").iterdir()) == before
