@@ -87,40 +87,38 @@ class SumSignDataset(Dataset):
         generator = random_stream("cpu", seed, split)
         self.codes = torch.empty(samples, features, dtype=torch.int8)
         self.labels = torch.empty(samples)
+        self.dtype = torch.float32  # of the values served
         for start in range(0, samples, GENERATION_CHUNK_ROWS):
             codes = random_codes(min(GENERATION_CHUNK_ROWS, samples - start), features, generator)
             self.codes[start : start + len(codes)] = codes
             self.labels[start : start + len(codes)] = labels(codes)
 
-    def to(self, device: torch.device) -> "SumSignDataset":
-        self.codes, self.labels = self.codes.to(device), self.labels.to(device)
+    def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> "SumSignDataset":
+        self.codes, self.labels, self.dtype = self.codes.to(device), self.labels.to(device), dtype
         return self
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rows at the indices `rows`, a tensor on the data's device."""
-        return self.batch(rows, torch.float32)
-
-    def batch(self, rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # index_select: one gather where the data lives (indexing with [] is 18x slower on CPU)
-        return values(self.codes.index_select(0, rows), dtype), self.labels.index_select(0, rows)
+        """The rows at the indices `rows`, a tensor on the data's device: one gather there."""
+        # index_select, not [], which is 18x slower on the CPU
+        return values(self.codes.index_select(0, rows), self.dtype), self.labels.index_select(0, rows)
 
 
 class EpochRows(Dataset):
     """One rank's rows of a fixed split, in one epoch's order. An item is a whole batch: the rows
-    at a slice of positions, with values in `dtype`.
+    at a slice of positions.
     """
 
-    def __init__(self, split: SumSignDataset, order: torch.Tensor, dtype: torch.dtype):
-        self.split, self.order, self.dtype = split, order, dtype
+    def __init__(self, split: SumSignDataset, order: torch.Tensor):
+        self.split, self.order = split, order
 
     def __len__(self) -> int:
         return len(self.order)
 
     def __getitem__(self, positions: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.split.batch(self.order[positions], self.dtype)
+        return self.split[self.order[positions]]
 
 
 class FreshRows(Dataset):
@@ -156,9 +154,9 @@ class SumSignDataModule(pl.LightningDataModule):
         hp, device = self.hparams, self.trainer.strategy.root_device
         # On a GPU the data lives in device memory (0.9 GB at the defaults): a batch is one gather
         # there. Fresh training data is drawn batch by batch where training runs, and not stored.
-        self.val_set = SumSignDataset(hp.val_samples, hp.features, hp.seed, "val").to(device)
+        self.val_set = SumSignDataset(hp.val_samples, hp.features, hp.seed, "val").to(device, self.dtype)
         if not hp.fresh_data:
-            self.train_set = SumSignDataset(hp.train_samples, hp.features, hp.seed, "train").to(device)
+            self.train_set = SumSignDataset(hp.train_samples, hp.features, hp.seed, "train").to(device, self.dtype)
 
     def _shard(self, order: torch.Tensor) -> torch.Tensor:
         # As DistributedSampler does: pad to a multiple of the world size with rows from the start,
@@ -189,11 +187,11 @@ class SumSignDataModule(pl.LightningDataModule):
         # The permutation is drawn on the data's device: no index list crosses from the host.
         generator = random_stream(device, hp.seed, "order", epoch)
         order = torch.randperm(hp.train_samples, generator=generator, device=device)
-        return self._loader(EpochRows(self.train_set, self._shard(order), self.dtype))
+        return self._loader(EpochRows(self.train_set, self._shard(order)))
 
     def val_dataloader(self) -> DataLoader:
         order = torch.arange(len(self.val_set), device=self.val_set.labels.device)
-        return self._loader(EpochRows(self.val_set, self._shard(order), self.dtype))
+        return self._loader(EpochRows(self.val_set, self._shard(order)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +254,8 @@ class TrainThroughput(Callback):
 
     A step's time runs from one batch's end to the next one's, so it holds fetching the batch
     too. The first batch of each epoch is left out (it starts the loader), and validation and
-    tuning are never counted: the steady-state figure that bench/compare.py measures.
+    tuning are never counted: the steady-state figure that bench/compare.py measures. (Lightning's
+    ThroughputMonitor synchronises the GPU after every batch, which would stall a GPU run.)
     """
 
     def __init__(self):
@@ -315,9 +314,9 @@ class BestEpoch(Callback):
 class TunedValues(Callback):
     """Brings rank 0's tuned batch size and lr to every rank, then checks that all ranks use them.
 
-    Rank 0 tunes before fit(), before any process group exists, so nothing in the tuners can wait
-    on another rank. setup() runs once the process group is up, whoever started the ranks
-    (this script, torchrun, SLURM), and before the dataloaders and the optimizer are made.
+    Rank 0 tunes before fit(), with no process group yet, so nothing in the tuners can wait on
+    another rank (a torchmetrics sync inside the LR finder deadlocked torchrun jobs). setup() runs
+    once the group is up, whoever started the ranks, and before the dataloaders and optimizer.
     """
 
     def __init__(self, values: dict | None):
@@ -337,19 +336,16 @@ class TunedValues(Callback):
 
 
 class StopOnSignal(Callback):
-    """Ctrl-C (SIGINT) and SIGTERM end the run cleanly at any moment, with one line saying what
-    stopped and what can be resumed, and exit status 128 + signal.
+    """Ctrl-C (SIGINT) and SIGTERM end the run cleanly at any moment: one line on what stopped and
+    what can be resumed, exit status 128 + signal.
 
-    Before training (data, tuning), rank 0 turns the first signal into a KeyboardInterrupt at
-    once: Lightning shuts the tuners or the fit down gracefully. Other ranks keep the default
-    action (end at once) until training starts: they wait in the process group's rendezvous, for
-    minutes while rank 0 tunes, inside C++ where no Python handler runs, with nothing to clean up.
-
-    Once training runs, every rank only notes the signal, and all stop together at the end of the
-    next training step, where they learn the signal from each other. Lightning's own SIGTERM
-    handler is replaced here: it broadcasts from inside the signal handler, which lands between
-    a step's collectives at a different point on each rank (a rank crashed in its gradient
-    all-reduce in this project's tests), and its validation loop stops a signalled rank alone.
+    Before training, rank 0 turns the signal into a KeyboardInterrupt at once, and Lightning shuts
+    the tuners or the fit down gracefully. Other ranks keep the default action (end at once) until
+    then: they wait in the rendezvous, for minutes while rank 0 tunes, inside C++ where no Python
+    handler runs. During training every rank notes the signal, and all stop together at the end
+    of the next step. This replaces Lightning's SIGTERM handler, which broadcasts from inside the
+    handler, at a different point of the step on each rank (a rank crashed in its gradient
+    all-reduce in this project's tests), and whose validation loop stops a signalled rank alone.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -495,11 +491,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     if args.gpus is not None and (args.accelerator is not None or args.devices is not None):
         p.error("argument --gpus: not allowed with --accelerator or --devices (it sets both)")
-    if args.gpus is not None and args.gpus != 0 and not torch.cuda.is_available():
-        p.error(f"argument --gpus: {args.gpus} GPU(s) asked for, but CUDA is not available here; "
-                "use --gpus 0 to train on the CPU")
     if args.gpus is not None:
         args.accelerator, args.devices = ("cpu", 1) if args.gpus == 0 else ("gpu", args.gpus)
+    if args.accelerator == "gpu" and not torch.cuda.is_available():
+        flag = "--accelerator gpu" if args.gpus is None else f"--gpus {args.gpus}"
+        p.error(f"argument {flag.split()[0]}: {flag} asks for GPUs, but CUDA is not available here; "
+                "use --gpus 0 to train on the CPU")
     args.accelerator = args.accelerator or "cpu"
     args.devices = args.devices or 1
     if args.precision == "auto":
@@ -631,8 +628,9 @@ def tune(args, model, datamodule, logger, world_size: int, stop: StopOnSignal) -
     """
     os.makedirs(args.logdir, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.logdir, prefix=".tuning-") as scratch:
-        tuner = Tuner(make_trainer(args, devices=1, num_nodes=1, logger=False, enable_checkpointing=False,
-                                   default_root_dir=scratch))
+        # max_epochs=-1: the tuners bound themselves in steps
+        tuner = Tuner(make_trainer(args, devices=1, num_nodes=1, max_epochs=-1, logger=False,
+                                   enable_checkpointing=False, default_root_dir=scratch))
         if not args.no_scale_batch_size:
             stop.phase = "batch-size scaling"
             bound = scale_batch_size(tuner, model, datamodule, args, logger, world_size)

@@ -67,10 +67,11 @@ def test_a_bad_value_from_the_shell(workdir):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
-@pytest.mark.parametrize("n", ["1", "2", "-1"])
-def test_gpus_without_cuda_exits_2(workdir, capsys, n):
-    proc = run_train("--gpus", n, cwd=workdir, check=False) if n == "1" else main_in_process(capsys, "--gpus", n)
-    assert_one_line_error(proc, "--gpus", "CUDA")
+@pytest.mark.parametrize("argv", [["--gpus", "1"], ["--gpus", "2"], ["--gpus", "-1"], ["--accelerator", "gpu"]],
+                         ids=" ".join)
+def test_gpus_without_cuda_exits_2(workdir, capsys, argv):
+    proc = run_train(*argv, cwd=workdir, check=False) if argv[1] == "1" else main_in_process(capsys, *argv)
+    assert_one_line_error(proc, argv[0], "CUDA")
     assert list(workdir.iterdir()) == []
 
 
