@@ -162,7 +162,9 @@ def test_sigterm_during_fit_then_resume_under_the_same_launcher(workdir, launche
     os.kill(proc.pid, signal.SIGTERM)  # torchrun passes it on to every rank; Lightning's launcher too
     rc, out, err = assert_job_ends(proc, workdir, signal.SIGTERM)
     assert_exit_status(launcher, rc, err, signal.SIGTERM)
-    assert re.search(r"^interrupted by SIGTERM during training; resume with: .*--resume \S+last\.ckpt$", out, re.M)
+    how = "python " if launcher == "script" else "the same torchrun or srun command, with train.py "
+    assert re.search(rf"^interrupted by SIGTERM during training; resume with: {how}.*--resume \S+last\.ckpt$", out,
+                     re.M), out[-2000:]
     epoch = torch.load(last, map_location="cpu", weights_only=False)["epoch"]
     resumed = start_train(*DDP[:-2], *flags, "--logdir", str(workdir / "lightning_logs"), "--resume", str(last),
                           cwd=workdir, launcher=launch)
