@@ -712,7 +712,8 @@ def main(argv=None) -> int:
         model = SumSignModel(args.features, args.hidden, args.lr, args.batch_size, args.lr_patience)
         logger = make_logger(args)
         # The best checkpoint is for predicting: weights only, a third of a full one's size and time to write.
-        best_checkpoint = ModelCheckpoint(monitor="val_loss", mode="min", filename="best-{epoch}", save_weights_only=True)
+        best_checkpoint = ModelCheckpoint(monitor="val_loss", mode="min", filename="best-{epoch}",
+                                          save_weights_only=True)
         # save_last=True would refresh last.ckpt only in epochs that improve val_loss; a second
         # checkpoint without a monitor writes it after every completed epoch, as --resume needs.
         last_checkpoint = ModelCheckpoint(filename="last", enable_version_counter=False)

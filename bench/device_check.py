@@ -200,11 +200,11 @@ class Check:
         # Two runs that differ only in steps per epoch: the difference in syncs, over the difference
         # in steps, is what one training step costs. Validation, checkpoints and logging cancel out.
         counts, stacks = {}, {}
+        small = ["--gpus", "1", "--features", "1024", "--hidden", "256", "--batch-size", "64", "--val-samples", "256",
+                 "--max-epochs", "2", "--no-scale-batch-size", "--no-lr-find", "--lr", "1e-3"]
         for batches in (40, 240):
-            counts[batches], stacks[batches] = count_syncs(["--gpus", "1", "--features", "1024", "--hidden", "256", "--batch-size",
-                                           "64", "--train-samples", str(64 * batches), "--val-samples", "256",
-                                           "--max-epochs", "2", "--no-scale-batch-size", "--no-lr-find",
-                                           "--lr", "1e-3", "--logdir", os.path.join(self.work, "syncs")])
+            counts[batches], stacks[batches] = count_syncs(
+                [*small, "--train-samples", str(64 * batches), "--logdir", os.path.join(self.work, "syncs")])
         per_step = (sum(counts[240].values()) - sum(counts[40].values())) / (2 * 200)
         growing = (counts[240] - counts[40]).most_common(5)
         lines = [f"- host synchronisations per training step: **{per_step:.2f}** (two runs of 2 epochs, 40 and "
