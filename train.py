@@ -775,7 +775,7 @@ def report(args, trainer, model, best_checkpoint, last_checkpoint, early_stoppin
         "epochs": trainer.current_epoch,
         "stopped_early": early_stopping.stopping_reason == EarlyStoppingReason.PATIENCE_EXHAUSTED,
         "diverged": diverged,
-        "best_val_loss": best_val_loss if best_path else None,
+        "best_val_loss": best_val_loss,  # None with no best checkpoint, or when it was removed
         "best_val_acc": finite_or_none(best_epoch.val_acc) if best_path else None,
         "checkpoint": best_path or None,
         "last_checkpoint": saved_path(last_checkpoint) or None,

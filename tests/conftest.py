@@ -19,21 +19,21 @@ TINY = ["--features", "32", "--train-samples", "4000", "--val-samples", "500", "
 WIDE = ["--features", "32", "--train-samples", "4000", "--val-samples", "500", "--hidden", "2048"]
 
 
-def run_train(*args, cwd, timeout=300, check=True, env=None):
+def run_train(*args, cwd, timeout=300, check=True):
     """Run train.py in a fresh process, as a user would; returns the CompletedProcess."""
     proc = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env,
+        cwd=cwd, capture_output=True, text=True, timeout=timeout,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
     return proc
 
 
-def start_train(*args, cwd, env=None, launcher=None):
+def start_train(*args, cwd, launcher=None):
     """train.py (or `launcher` + train.py) in its own session, as a terminal would run a job."""
     command = [*(launcher or [sys.executable]), str(ROOT / "train.py"), *args]
-    return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
 
