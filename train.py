@@ -40,10 +40,14 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
+from pytorch_lightning.core.saving import save_hparams_to_yaml
+from pytorch_lightning.plugins import TorchCheckpointIO
+from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.tuner import Tuner
 from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import BinaryAccuracy
 
@@ -56,6 +60,8 @@ PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
 NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs with bf16 matmul units
 MEMORY_FRACTION = 0.5  # of the RAM available when tuning starts that batches may use
 LR_DECAY = 0.5  # factor on the learning rate each time val_loss stalls for --lr-patience epochs
+# What --resume must find unchanged: every other flag either may change or is taken from the checkpoint.
+RUN_DEFINING_FLAGS = ("features", "hidden", "seed", "train_samples", "val_samples", "fresh_data", "precision")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,10 +168,11 @@ class SumSignDataModule(pl.LightningDataModule):
             self.train_set = SumSignDataset(hp.train_samples, hp.features, hp.seed, "train").to(device, self.dtype)
 
     def _shard(self, order: torch.Tensor) -> torch.Tensor:
-        # As DistributedSampler does: pad to a multiple of the world size with rows from the start,
-        # take every world_size-th row. Every rank gets as many batches, so none waits for another.
+        # As DistributedSampler does: pad to a multiple of the world size by repeating rows, take
+        # every world_size-th row. Every rank gets as many batches, so none waits for another.
         world, rank = self.trainer.world_size, self.trainer.global_rank
-        return torch.cat([order, order[: -len(order) % world]])[rank::world]
+        per_rank = -(-len(order) // world)
+        return order.repeat(-(-per_rank * world // len(order)))[: per_rank * world][rank::world]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -247,9 +254,23 @@ class SumSignModel(pl.LightningModule):
         # The LR finder picks the rate of steepest descent, whose step noise puts a floor under the
         # loss: with fresh data at 2100 features val_acc stalls at 0.948 on it, and reaches 0.997
         # when the rate is halved each time val_loss stalls (README.md, bench/learning_curve.py).
-        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=LR_DECAY,
-                                                             patience=self.hparams.lr_patience)
+        plateau = ReduceLROnPlateau(optimizer, factor=LR_DECAY, patience=self.hparams.lr_patience)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, "monitor": "val_loss"}}
+
+    def on_train_start(self):
+        if isinstance(self.lr_schedulers(), ReduceLROnPlateau):  # --lr-patience may change on --resume
+            self.lr_schedulers().patience = self.hparams.lr_patience
+
+    def on_train_epoch_end(self):
+        # Stepped here, before the epoch's checkpoints are written, so last.ckpt holds the stepped
+        # schedule: Lightning steps it after them, and does not replay that step on --resume.
+        val_loss = self.trainer.callback_metrics.get("val_loss")
+        if isinstance(self.lr_schedulers(), ReduceLROnPlateau) and val_loss is not None:
+            self.lr_schedulers().step(val_loss)
+
+    def lr_scheduler_step(self, scheduler, metric):
+        if metric is None:  # the LR finder's schedule; the plateau one is stepped in on_train_epoch_end
+            scheduler.step()
 
 
 class TrainThroughput(Callback):
@@ -315,7 +336,7 @@ class BestEpoch(Callback):
 
 
 class TunedValues(Callback):
-    """Brings rank 0's tuned batch size and lr to every rank, then checks that all ranks use them.
+    """Brings rank 0's tuned batch size and lr to every rank; keeps the precision in checkpoints.
 
     Rank 0 tunes before fit(), with no process group yet, so nothing in the tuners can wait on
     another rank (a torchmetrics sync inside the LR finder deadlocked torchrun jobs). setup() runs
@@ -330,12 +351,53 @@ class TunedValues(Callback):
         pl_module.hparams.update(self.values)
         trainer.datamodule.batch_size = self.values["batch_size"]
 
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        checkpoint["precision"] = trainer.precision  # --resume refuses another
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """A ModelCheckpoint that finds its files again on --resume, however the run folder is named.
+
+    Lightning forgets the best score and the kept files when the folder's path differs from the
+    one in the checkpoint (relative then absolute, or moved), and the next epoch becomes "best".
+    """
+
+    def load_state_dict(self, state_dict):
+        def here(path):
+            return path and os.path.join(self.dirpath, os.path.basename(path))
+
+        super().load_state_dict({
+            **state_dict, "dirpath": self.dirpath, "best_model_path": here(state_dict["best_model_path"]),
+            "kth_best_model_path": here(state_dict["kth_best_model_path"]),
+            "last_model_path": here(state_dict["last_model_path"]),
+            "best_k_models": {here(path): score for path, score in state_dict["best_k_models"].items()}})
+
+
+class ResumableEarlyStopping(EarlyStopping):
+    """EarlyStopping for --resume: --patience may change (Lightning restores the checkpoint's), and a
+    run that had stopped stays stopped (Lightning would train one more epoch before checking).
+    """
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict({**state_dict, "patience": self.patience})
+        if self.stopping_reason == EarlyStoppingReason.PATIENCE_EXHAUSTED and self.wait_count < self.patience:
+            self.stopping_reason = EarlyStoppingReason.NOT_STOPPED  # --patience was raised: the run goes on
+
     def on_train_start(self, trainer, pl_module):
-        used = torch.tensor([trainer.datamodule.batch_size, trainer.optimizers[0].param_groups[0]["lr"]],
-                            dtype=torch.float64, device=pl_module.device)
-        if not (trainer.strategy.all_gather(used) == used).all():
-            sys.exit(f"error: ranks disagree on the batch size and lr to train with; rank "
-                     f"{trainer.global_rank} has batch size {int(used[0])}, lr {used[1].item():g}")
+        trainer.should_stop = self.stopping_reason != EarlyStoppingReason.NOT_STOPPED
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint beside its name, then renames it: a kill at any moment leaves the last whole one.
+
+    Lightning writes through a temporary file in the system's temp folder; where that is another
+    file system (a tmpfs /tmp), its final move is a copy, and a kill during it truncates last.ckpt.
+    """
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(checkpoint, f"{path}.partial")
+        os.replace(f"{path}.partial", path)
 
 
 class StopOnSignal(Callback):
@@ -353,8 +415,8 @@ class StopOnSignal(Callback):
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
-        self.signum, self.training, self.last_checkpoint, self.phase = None, False, None, "setup"
+    def __init__(self, argv: list[str]):
+        self.argv, self.signum, self.training, self.last_checkpoint, self.phase = argv, None, False, None, "setup"
         self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
 
     def watch(self, trainer: pl.Trainer, last_checkpoint: ModelCheckpoint) -> None:
@@ -369,8 +431,13 @@ class StopOnSignal(Callback):
                 signal.signal(sig, signal.SIG_DFL)
 
     def handle(self, signum, frame):
-        first, self.signum = self.signum is None, self.signum or signum
-        if first and not self.training:
+        if self.signum is not None:  # a second signal that reached Python: end now
+            say(self.line())
+            os._exit(128 + self.signum)
+        self.signum = signum
+        for sig in self.SIGNALS:  # a second one ends the process at once, even inside a long kernel
+            signal.signal(sig, signal.SIG_DFL)
+        if not self.training:
             raise KeyboardInterrupt
 
     def _take_over(self, trainer, pl_module):  # Lightning has just installed its SIGTERM handler
@@ -380,7 +447,7 @@ class StopOnSignal(Callback):
 
     on_sanity_check_start = on_train_start = _take_over
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, *args):
         signum = self.signum or 0
         if trainer.world_size > 1:  # one all-reduce a step; Lightning already syncs each DDP step
             signum = int(trainer.strategy.reduce(torch.tensor(signum, device=pl_module.device), reduce_op="max"))
@@ -388,14 +455,25 @@ class StopOnSignal(Callback):
             self.signum = signum
             raise KeyboardInterrupt  # on every rank at this same step: Lightning shuts down gracefully
 
-    def interrupted(self, error: BaseException, argv: list[str]) -> int:
+    on_validation_batch_end = on_train_batch_end  # validation too: the last one ends no training step
+
+    def training_done(self) -> None:
+        """After fit(): a signal that came after the last step stops the run now, as one later would."""
+        self.training = False
+        if self.signum is not None:
+            raise KeyboardInterrupt
+
+    def line(self) -> str:
+        last = self.last_checkpoint and saved_path(self.last_checkpoint)
+        then = f"resume with: {self.launcher} {resume_arguments(self.argv, last)}" if last else (
+            "no epoch had completed, so there is nothing to resume: run the same command to start over")
+        return f"\ninterrupted by {signal.Signals(self.signum).name} during {self.phase}; {then}"
+
+    def interrupted(self, error: BaseException) -> int:
         """After a signal, say what stopped and return 128 + signal; re-raise any other error."""
         if self.signum is None:
             raise error
-        last = self.last_checkpoint and saved_path(self.last_checkpoint)
-        then = f"resume with: {self.launcher} {resume_arguments(argv, last)}" if last else (
-            "no epoch had completed, so there is nothing to resume: run the same command to start over")
-        say(f"\ninterrupted by {signal.Signals(self.signum).name} during {self.phase}; {then}")
+        say(self.line())
         return 128 + self.signum
 
     def restore(self) -> None:
@@ -491,8 +569,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--logdir", default="lightning_logs",
                        help="runs go to LOGDIR/version_N (default: lightning_logs)")
     train.add_argument("--resume", metavar="CKPT", default=None,
-                       help="continue the run that wrote this checkpoint (its last.ckpt), in its "
-                            "folder, with its tuned batch size and lr; tuning is skipped")
+                       help="continue the run that wrote this checkpoint (its last.ckpt), in its folder, "
+                            "with its tuned batch size and lr (tuning is skipped); the flags that define "
+                            "the run (--features, --hidden, --seed, --train-samples, --val-samples, "
+                            "--fresh-data, --precision) must match it; --max-epochs, --patience, "
+                            "--lr-patience and the hardware flags may change")
     train.add_argument("--fast-dev-run", action="store_true",
                        help="one training and one validation batch, no tuning, no files: a smoke test")
     args = p.parse_args(argv)
@@ -507,6 +588,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                 "use --gpus 0 to train on the CPU")
     args.accelerator = args.accelerator or "cpu"
     args.devices = args.devices or 1
+    on_cpu = args.accelerator == "cpu" or (args.accelerator == "auto" and not torch.cuda.is_available())
+    if on_cpu and args.devices == -1:
+        p.error("argument --devices: -1 (all) counts GPUs; on the CPU give the number of processes")
+    if on_cpu and args.precision == "16-mixed":
+        p.error("argument --precision: 16-mixed needs a GPU; on the CPU use bf16-mixed or 32-true")
     if args.precision == "auto":
         args.precision, args.precision_reason = auto_precision(args.accelerator, cpu_flags())
     else:
@@ -541,7 +627,8 @@ def checkpoint_hparams(p: OneLineParser, args: argparse.Namespace) -> dict:
         p.error(f"argument --resume: {args.resume!r} is not a checkpoint written by train.py")
     if "optimizer_states" not in checkpoint:
         p.error(f"argument --resume: {args.resume!r} holds weights only; resume from the run's last.ckpt")
-    for flag in ("features", "hidden", "fresh_data"):
+    hparams["precision"] = checkpoint.get("precision")
+    for flag in RUN_DEFINING_FLAGS:
         if hparams.get(flag) != getattr(args, flag):
             p.error(f"argument --resume: the checkpoint was made with --{flag.replace('_', '-')} "
                     f"{hparams.get(flag)}, not {getattr(args, flag)}")
@@ -602,10 +689,14 @@ def scale_batch_size(tuner: Tuner, model, datamodule, args, logger, world_size: 
         bounds["available RAM"] = max(1, int(available_memory_bytes() * MEMORY_FRACTION) // per_sample)
     reason, cap = min(bounds.items(), key=lambda item: item[1])
     start = min(args.batch_size, cap)
-    # Lightning's power mode returns max_val once a doubling reaches it, tried or not: keep max_val
-    # on the doubling ladder from `start`, so the size it returns has been run.
-    max_val = start * 2 ** int(math.log2(cap / start))
-    found = tuner.scale_batch_size(model, datamodule=datamodule, mode="power", init_val=start, max_val=max_val)
+    # Lightning's power mode returns max_val untried once a doubling reaches it, but after max_trials
+    # it returns the last size that ran: the trials are the doublings from `start` up to the bound.
+    doublings = int(math.log2(cap / start))
+    max_val = start * 2**doublings
+    # Lightning makes the first trial's loader before it sets init_val: set it here, so that trial runs it.
+    model.hparams.batch_size = datamodule.batch_size = start
+    found = tuner.scale_batch_size(model, datamodule=datamodule, mode="power", init_val=start,
+                                   max_trials=doublings + 1, max_val=2 * max_val)
     reason = reason if found >= max_val else "largest size that ran"
     rows = [f"| {name} | {size} |" for name, size in bounds.items()]
     logger.experiment.add_text("batch_size_search", "\n".join(
@@ -665,11 +756,14 @@ def finite_or_none(value):
 
 
 def make_trainer(args, **kwargs) -> pl.Trainer:
+    plugins = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():  # no auto-requeue: it would resume from its own hpc_ckpt, unchecked
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     return pl.Trainer(
         accelerator=args.accelerator, precision=args.precision, deterministic=args.deterministic or None,
         use_distributed_sampler=False,  # SumSignDataModule shards the data itself
         reload_dataloaders_every_n_epochs=1,  # train_dataloader() makes each epoch's order or fresh rows
-        enable_model_summary=False, **kwargs,
+        enable_model_summary=False, plugins=plugins, **kwargs,
     )
 
 
@@ -699,7 +793,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     t_start = time.perf_counter()
     args = parse_args(argv)
-    stop = StopOnSignal()
+    stop = StopOnSignal(argv)
     try:
         pl.seed_everything(args.seed, verbose=False)
         # Tensor cores run float32 matmuls as TF32 when allowed, as Lightning advises; no-op on CPU.
@@ -712,12 +806,13 @@ def main(argv=None) -> int:
         model = SumSignModel(args.features, args.hidden, args.lr, args.batch_size, args.lr_patience)
         logger = make_logger(args)
         # The best checkpoint is for predicting: weights only, a third of a full one's size and time to write.
-        best_checkpoint = ModelCheckpoint(monitor="val_loss", mode="min", filename="best-{epoch}",
-                                          save_weights_only=True)
+        # No version counter: a run resumed after a kill -9 rewrites the same best-epoch=E.ckpt.
+        best_checkpoint = RunCheckpoint(monitor="val_loss", mode="min", filename="best-{epoch}",
+                                        save_weights_only=True, enable_version_counter=False)
         # save_last=True would refresh last.ckpt only in epochs that improve val_loss; a second
         # checkpoint without a monitor writes it after every completed epoch, as --resume needs.
-        last_checkpoint = ModelCheckpoint(filename="last", enable_version_counter=False)
-        early_stopping = EarlyStopping(monitor="val_loss", mode="min", patience=args.patience)
+        last_checkpoint = RunCheckpoint(filename="last", enable_version_counter=False)
+        early_stopping = ResumableEarlyStopping(monitor="val_loss", mode="min", patience=args.patience)
         best_epoch, throughput, tuned = BestEpoch(best_checkpoint), TrainThroughput(), TunedValues(None)
         trainer = make_trainer(
             args, devices=args.devices, num_nodes=args.num_nodes, max_epochs=args.max_epochs, logger=logger,
@@ -731,6 +826,11 @@ def main(argv=None) -> int:
         t_tune = time.perf_counter()
         if args.resume:
             tuned.values = {k: args.resume_hparams[k] for k in ("batch_size", "lr")}
+            if trainer.is_global_zero:  # the flags that may change (--patience, ...) as this run uses them
+                model.hparams.update(tuned.values)
+                log_hyperparameters(logger, args, model)
+                # Lightning's logger writes hparams.yaml only where there is none yet
+                save_hparams_to_yaml(os.path.join(logger.log_dir, "hparams.yaml"), logger.hparams)
         elif args.fast_dev_run:
             tuned.values = {"batch_size": args.batch_size, "lr": args.lr}
         elif trainer.is_global_zero:  # once per job; the other ranks get the values in fit()
@@ -740,15 +840,16 @@ def main(argv=None) -> int:
         t_fit = time.perf_counter()
         stop.phase = "training"
         trainer.fit(model, datamodule=datamodule, ckpt_path=args.resume)
+        stop.phase = "the report"
+        stop.training_done()
         if args.fast_dev_run:
             return 0
         t_end = time.perf_counter()
         seconds = dict(tune_seconds=t_fit - t_tune, fit_seconds=t_end - t_fit, total_seconds=t_end - t_start)
-        stop.phase = "the report"
         return report(args, trainer, model, best_checkpoint, last_checkpoint, early_stopping, best_epoch,
                       throughput, seconds)
     except BaseException as error:  # after a signal, whatever ended the run is its consequence
-        return stop.interrupted(error, argv)
+        return stop.interrupted(error)
     finally:
         stop.restore()
 
@@ -769,9 +870,11 @@ def report(args, trainer, model, best_checkpoint, last_checkpoint, early_stoppin
     summary = {
         "batch_size": model.hparams.batch_size,
         "lr": model.hparams.lr,
-        "precision": args.precision,
+        "precision": trainer.precision,
         "data": "fresh every epoch" if args.fresh_data else "fixed",
         "world_size": trainer.world_size,
+        "patience": early_stopping.patience,
+        "lr_patience": trainer.lr_scheduler_configs[0].scheduler.patience,
         "epochs": trainer.current_epoch,
         "stopped_early": early_stopping.stopping_reason == EarlyStoppingReason.PATIENCE_EXHAUSTED,
         "diverged": diverged,

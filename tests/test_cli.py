@@ -51,6 +51,8 @@ BAD = [
     (["--lr-find-steps", "1"], "--lr-find-steps"),
     (["--min-steps-per-epoch", "0"], "--min-steps-per-epoch"),
     (["--no-such-flag"], "--no-such-flag"),
+    (["--devices", "-1"], "--devices"),  # all GPUs: none on the CPU
+    (["--precision", "16-mixed"], "--precision"),  # float16 autocast is for GPUs; Lightning would run bf16
 ]
 
 

@@ -2,8 +2,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from pytorch_lightning.loggers import TensorBoardLogger
 
 import train
+from conftest import TINY
 from train import SumSignDataModule, SumSignDataset, SumSignModel
 
 
@@ -146,3 +148,22 @@ def test_auto_precision_on_a_gpu(native, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native)
     assert train.auto_precision("gpu", set())[0] == ("bf16-mixed" if native else "32-true")
+
+
+@pytest.mark.parametrize("start", [512, 16], ids=["start-above-the-bound", "start-below-it"])
+def test_the_batch_size_search_returns_a_size_that_ran(workdir, monkeypatch, start):
+    # 4000 rows and >= 64 steps an epoch bound the batch at 62: searched from 62 alone, or 16 then 32.
+    sizes = []
+    step = SumSignModel.training_step
+
+    def recording_step(self, batch, batch_idx):
+        sizes.append(len(batch[0]))
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(SumSignModel, "training_step", recording_step)
+    args = train.parse_args([*TINY, "--batch-size", str(start), "--no-lr-find"])
+    model = SumSignModel(32, 64, args.lr, args.batch_size)
+    datamodule = SumSignDataModule(4000, 500, 32, seed=42, batch_size=args.batch_size)
+    tuned = train.tune(args, model, datamodule, TensorBoardLogger(str(workdir), name=""), 1, SimpleNamespace())
+    assert tuned["batch_size"] == (62 if start == 512 else 32)
+    assert sorted(set(sizes)) == ([62] if start == 512 else [16, 32])  # every size it tried, and no other

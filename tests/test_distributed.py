@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from pytorch_lightning.plugins.environments import SLURMEnvironment
 
 import train
 from conftest import (ROOT, WIDE, free_port, kill_all, pids_running, start_train, summary, wait_for)
@@ -64,11 +65,20 @@ def check_one_run(workdir, stdout, stderr, world_size=2):
     return s
 
 
-def test_script_starts_its_own_ranks_and_ignores_a_stale_hand_off(workdir):
-    # An old hand-off variable in the user's shell must not make the job skip tuning.
-    stale = {"SUM_SIGN_TUNED": '{"batch_size": 7, "lr": 0.5}'}
-    out, err = run_job(workdir, [([sys.executable, *train_argv("--devices", "2", workdir=workdir)], stale)])
-    assert check_one_run(workdir, out, err)["batch_size"] != 7
+def test_script_starts_its_own_ranks(workdir):
+    out, err = run_job(workdir, [([sys.executable, *train_argv("--devices", "2", workdir=workdir)], {})])
+    check_one_run(workdir, out, err)
+
+
+def test_fewer_rows_than_ranks_still_ends(workdir):
+    # 3 ranks, 1 validation row: every rank still gets a validation batch, so none waits in the val_loss
+    # all-reduce for a rank that has nothing to validate.
+    flags = ["--devices", "3", "--val-samples", "1", "--max-epochs", "2",
+             "--no-scale-batch-size", "--no-lr-find", "--lr", "1e-3"]
+    run_job(workdir, [([sys.executable, *train_argv(*flags, workdir=workdir)], {})])
+    s = summary(workdir / "lightning_logs" / "version_0")
+    assert s["world_size"] == 3 and s["epochs"] == 2 and s["best_val_acc"] is not None
+    assert pids_running(str(workdir)) == []
 
 
 def test_two_nodes_started_by_hand(workdir):
@@ -116,17 +126,14 @@ def test_slurm(workdir):
     check_one_run(workdir, out, err)
 
 
-def test_ranks_that_disagree_stop_the_job_with_one_line():
-    # Rank 1 would train with batch size 31, the others with 32: a fake gather shows what each has.
-    gathered = torch.tensor([[32.0, 1e-3], [31.0, 1e-3]], dtype=torch.float64)
-    trainer = SimpleNamespace(datamodule=SimpleNamespace(batch_size=32), global_rank=0,
-                              optimizers=[SimpleNamespace(param_groups=[{"lr": 1e-3}])],
-                              strategy=SimpleNamespace(all_gather=lambda tensor: gathered))
-    with pytest.raises(SystemExit) as stop:
-        train.TunedValues(None).on_train_start(trainer, SimpleNamespace(device=torch.device("cpu")))
-    assert "ranks disagree" in str(stop.value.code) and "\n" not in str(stop.value.code)
-    trainer.strategy.all_gather = lambda tensor: torch.stack([tensor, tensor])
-    train.TunedValues(None).on_train_start(trainer, SimpleNamespace(device=torch.device("cpu")))  # agreeing ranks
+def test_slurm_auto_requeue_is_off(monkeypatch):
+    # Lightning's SIGUSR1 requeue would resume from an hpc_ckpt of its own, past --resume's checks.
+    for key, value in slurm_env(0, 15001).items():
+        monkeypatch.setenv(key, value)
+    trainer = train.make_trainer(SimpleNamespace(accelerator="cpu", precision="32-true", deterministic=False),
+                                 devices=2, logger=False)
+    environment = trainer.strategy.cluster_environment
+    assert isinstance(environment, SLURMEnvironment) and environment.auto_requeue is False
 
 
 # --- signals: every rank ends within 30 s, with 128 + signal, and last.ckpt resumes -----------------

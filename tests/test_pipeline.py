@@ -24,7 +24,8 @@ def test_run_folder_holds_checkpoints_plot_and_summary(default_run):
     assert len(list(run.glob("events.out.tfevents.*"))) == 1  # one writer, closed once
     assert [p.name for p in logdir.glob(".*")] == []  # the tuners' scratch folder is gone
     s = summary(run)
-    assert set(s) == {"batch_size", "lr", "precision", "data", "world_size", "epochs", "stopped_early", "diverged",
+    assert set(s) == {"batch_size", "lr", "precision", "data", "world_size", "patience", "lr_patience", "epochs",
+                      "stopped_early", "diverged",
                       "best_val_loss", "best_val_acc", "checkpoint", "last_checkpoint", "tune_seconds",
                       "fit_seconds", "total_seconds", "train_samples_per_second", "peak_rss_bytes",
                       "peak_gpu_memory_bytes"}

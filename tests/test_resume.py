@@ -1,0 +1,327 @@
+"""Resume is exact on the paths users take: the default relative --logdir or an absolute one, the
+command the interrupt line prints, an interruption before the best epoch or after it while val_loss
+stalls and the plateau has halved the learning rate, a kill -9 at any moment; flags that define the
+run are checked, flags that may change are used and reported."""
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import train
+from conftest import ROOT, run_train, start_train, summary
+from test_reliability import assert_same_weights, metrics, weights
+
+# About 0.1 s an epoch: the best val_loss comes after a few epochs, then it stalls and the plateau
+# halves the lr (on the fixed set it overfits; fresh rows at a large lr hit the noise floor).
+STALLS = ["--features", "64", "--hidden", "128", "--train-samples", "120", "--val-samples", "400",
+          "--batch-size", "10", "--no-scale-batch-size", "--no-lr-find", "--lr", "3e-3", "--patience", "20",
+          "--lr-patience", "1"]
+FRESH_STALLS = [*STALLS, "--fresh-data", "--lr", "1e-2"]
+EPOCHS = 14
+
+
+def checkpoint(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def best_files(run):
+    return sorted(p.name for p in (run / "checkpoints").glob("best-*.ckpt"))
+
+
+def assert_same_run(resumed, full):
+    """Same best file (and only it), same summary metrics, bit-identical last.ckpt and best weights."""
+    assert best_files(resumed) == best_files(full) and len(best_files(full)) == 1
+    assert metrics(resumed) == metrics(full)
+    assert_same_weights(weights(resumed / "checkpoints" / "last.ckpt"), weights(full / "checkpoints" / "last.ckpt"))
+    assert_same_weights(weights(summary(resumed)["checkpoint"]), weights(summary(full)["checkpoint"]))
+    a, b = (checkpoint(run / "checkpoints" / "last.ckpt") for run in (resumed, full))
+    assert a["lr_schedulers"] == b["lr_schedulers"] and a["callbacks"].keys() == b["callbacks"].keys()
+
+
+def stop_points(run) -> dict:
+    """Epoch counts to stop after: before the best epoch, and in a stall once the plateau halved the lr."""
+    events = EventAccumulator(str(run)).Reload()
+    val_loss = [e.value for e in events.Scalars("val_loss")]
+    lr = [e.value for e in events.Scalars("lr-Adam")]  # at the start of each epoch
+    best = val_loss.index(min(val_loss))
+    # after n epochs: the last one did not improve val_loss, and the next starts at a halved lr
+    stalled = [n for n in range(2, len(lr)) if lr[n] < lr[0] and val_loss[n - 1] > min(val_loss[: n - 1])]
+    assert best >= 2 and stalled, (val_loss, lr)  # the cases this test is for
+    return {"before-best": best - 1, "stalled-lr-halved": stalled[0]}
+
+
+@pytest.mark.parametrize("data", [STALLS, FRESH_STALLS], ids=["fixed", "fresh"])
+@pytest.mark.parametrize("logdir", ["default", "absolute"])
+def test_a_run_stopped_and_resumed_ends_as_the_run_never_stopped(workdir, data, logdir):
+    flags = [*data, *([] if logdir == "default" else ["--logdir", str(workdir / "runs")])]
+    root = workdir / ("lightning_logs" if logdir == "default" else "runs")
+    run_train(*flags, "--max-epochs", str(EPOCHS), cwd=workdir)
+    full = root / "version_0"
+    for version, epochs in enumerate(stop_points(full).values(), start=1):  # before the best, in a stall
+        run_train(*flags, "--max-epochs", str(epochs), cwd=workdir)
+        stopped = root / f"version_{version}"
+        # as the interrupt line prints it: the same flags, --resume with the checkpoint's absolute path
+        last = (stopped / "checkpoints" / "last.ckpt").resolve()
+        run_train(*flags, "--max-epochs", str(EPOCHS), "--resume", str(last), cwd=workdir)
+        assert_same_run(stopped, full)
+
+
+def test_resume_from_a_relative_path_in_another_folder(workdir):
+    run_train(*STALLS, "--max-epochs", str(EPOCHS), cwd=workdir)
+    run_train(*STALLS, "--max-epochs", "6", cwd=workdir)
+    elsewhere = workdir / "elsewhere"
+    elsewhere.mkdir()
+    run_train(*STALLS, "--max-epochs", str(EPOCHS), "--resume", "../lightning_logs/version_1/checkpoints/last.ckpt",
+              cwd=elsewhere)
+    assert list(elsewhere.iterdir()) == []
+    assert_same_run(workdir / "lightning_logs" / "version_1", workdir / "lightning_logs" / "version_0")
+
+
+def test_a_finished_run_resumed_trains_no_further(workdir):
+    # Early stopping ended it; resumed, it writes the same report and trains no extra epoch.
+    flags = [*STALLS, "--patience", "2", "--max-epochs", str(EPOCHS)]
+    run_train(*flags, cwd=workdir)
+    run = workdir / "lightning_logs" / "version_0"
+    before, last = metrics(run), checkpoint(run / "checkpoints" / "last.ckpt")
+    assert before["stopped_early"] and before["epochs"] < EPOCHS
+    run_train(*flags, "--resume", str(run / "checkpoints" / "last.ckpt"), cwd=workdir)
+    assert metrics(run) == before
+    assert_same_weights(weights(run / "checkpoints" / "last.ckpt"), last["state_dict"])
+    # a raised --patience lets it go on
+    run_train(*flags, "--patience", "4", "--resume", str(run / "checkpoints" / "last.ckpt"), cwd=workdir)
+    after = summary(run)
+    assert after["epochs"] > before["epochs"] and after["patience"] == 4
+
+
+# --- interrupted where it is hard to be: the last validation, the report, a kill -9 ---------------------
+class Output:
+    """Collects a process's stdout as it comes, so a test can wait for its progress bar to show a stage."""
+
+    def __init__(self, proc):
+        self.proc, self.text = proc, ""
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):  # os.read returns what has come; a text file's read(n) waits for n characters
+        for chunk in iter(lambda: os.read(self.proc.stdout.fileno(), 4096), b""):
+            self.text += chunk.decode(errors="replace")
+
+    def end(self, timeout=120) -> tuple[str, str]:
+        """Wait for the process to end; its stdout and stderr."""
+        self.proc.wait(timeout)
+        self.thread.join(10)
+        return self.text, self.proc.stderr.read()
+
+    def wait_for(self, pattern, timeout=120):
+        deadline = time.monotonic() + timeout
+        while not re.search(pattern, self.text, re.S):
+            assert self.proc.poll() is None, self.text[-3000:]
+            assert time.monotonic() < deadline, f"no {pattern!r} in time"
+            time.sleep(0.01)
+
+
+# Two epochs of one training batch (64 rows), each validated in one batch of 30000 rows that takes
+# a second or more: a signal lands inside a validation batch.
+LONG_VALIDATION = ["--features", "2048", "--hidden", "2048", "--train-samples", "64", "--val-samples", "30000",
+                   "--batch-size", "30000", "--no-scale-batch-size", "--no-lr-find", "--lr", "1e-3",
+                   "--max-epochs", "2", "--precision", "32-true"]
+
+
+def test_a_signal_in_the_last_validation_stops_and_resumes(workdir):
+    sig = signal.SIGINT
+    run_train(*LONG_VALIDATION, cwd=workdir, timeout=600)
+    proc = start_train(*LONG_VALIDATION, cwd=workdir)
+    output = Output(proc)
+    output.wait_for(r"Epoch 1:.*Validation DataLoader 0:")  # the last epoch's one validation batch runs
+    proc.send_signal(sig)
+    out, err = output.end()
+    assert proc.returncode == 128 + sig and "Traceback" not in err, err[-3000:]
+    found = re.search(rf"^interrupted by {sig.name} during training; resume with: (.+)$", out, re.M)
+    assert found, out[-1500:]
+    hint = found.group(1)
+    last = workdir / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt"
+    assert checkpoint(last)["epoch"] == 0 and not (last.parent.parent / "summary.json").exists()
+    run_train(*shlex.split(hint)[2:], cwd=workdir, timeout=600)
+    assert_same_run(last.parent.parent, workdir / "lightning_logs" / "version_0")
+
+
+def signal_self_during_report(monkeypatch, sig):
+    report = train.report
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), sig)
+        return report(*args, **kwargs)
+
+    monkeypatch.setattr(train, "report", signalled)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_during_the_report_gives_the_line_and_128_plus_signal(workdir, capsys, monkeypatch, sig):
+    signal_self_during_report(monkeypatch, sig)
+    assert train.main([*STALLS, "--max-epochs", "2"]) == 128 + sig
+    out = capsys.readouterr().out
+    last = workdir / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert out.rstrip().splitlines()[-1] == (f"interrupted by {sig.name} during the report; resume with: python "
+                                             f"{shlex.quote(os.path.relpath(ROOT / 'train.py'))} "
+                                             f"{shlex.join([*STALLS, '--max-epochs', '2'])} --resume {last}")
+    assert not (last.parent.parent / "summary.json").exists()
+    # resumed as printed, the finished run writes its report
+    monkeypatch.undo()
+    assert train.main([*STALLS, "--max-epochs", "2", "--resume", str(last)]) == 0
+    assert summary(last.parent.parent)["epochs"] == 2
+
+
+def test_a_signal_after_the_last_step_is_not_swallowed(workdir, capsys, monkeypatch):
+    # It lands in on_train_end, after every step and validation: fit() returns as if nothing happened.
+    on_train_end = train.BestEpoch.on_train_end
+
+    def signalled(self, trainer, pl_module):
+        os.kill(os.getpid(), signal.SIGTERM)
+        on_train_end(self, trainer, pl_module)
+
+    monkeypatch.setattr(train.BestEpoch, "on_train_end", signalled)
+    assert train.main([*STALLS, "--max-epochs", "2"]) == 128 + signal.SIGTERM
+    assert "interrupted by SIGTERM" in capsys.readouterr().out
+
+
+def test_a_second_signal_ends_at_once(monkeypatch, capsys):
+    stop = train.StopOnSignal(["--max-epochs", "3"])
+    try:
+        exits = []
+        monkeypatch.setattr(train.os, "_exit", exits.append)
+        stop.training = True  # in a step: the first signal is noted, to stop at the step's end
+        stop.handle(signal.SIGINT, None)
+        assert exits == [] and stop.signum == signal.SIGINT
+        stop.handle(signal.SIGINT, None)  # the second ends the process now
+        assert exits == [128 + signal.SIGINT]
+        assert "interrupted by SIGINT" in capsys.readouterr().out
+    finally:
+        stop.restore()
+
+
+def catches(pid, sig) -> bool:
+    """Whether process `pid` has a handler of its own for `sig` (Linux: SigCgt in /proc/PID/status)."""
+    caught = re.search(r"^SigCgt:\s*([0-9a-f]+)$", Path(f"/proc/{pid}/status").read_text(), re.M).group(1)
+    return bool(int(caught, 16) >> (sig - 1) & 1)
+
+
+# One training step of 40000 rows: a forward and a backward matmul of about a second each.
+LONG_STEP = ["--features", "2048", "--hidden", "2048", "--train-samples", "40000", "--val-samples", "64",
+             "--batch-size", "40000", "--no-scale-batch-size", "--no-lr-find", "--lr", "1e-3", "--max-epochs", "2",
+             "--precision", "32-true"]
+
+
+def test_a_second_ctrl_c_ends_a_real_run_at_once(workdir):
+    proc = start_train(*LONG_STEP, cwd=workdir)
+    output = Output(proc)
+    output.wait_for(r"Epoch 0:")
+    assert catches(proc.pid, signal.SIGINT)
+    proc.send_signal(signal.SIGINT)  # noted when the running kernel returns; the step goes on to its end
+    deadline = time.monotonic() + 60
+    while catches(proc.pid, signal.SIGINT):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGINT)  # inside the rest of the step: ends the process there and then
+    output.end(timeout=60)
+    assert proc.returncode == -signal.SIGINT  # killed by it: a shell reports 130
+
+
+def kill_while_writing(proc, last, timeout=300):
+    """SIGKILL the run the moment it writes last.ckpt again (its .partial file appears)."""
+    partial = last.with_name(last.name + ".partial")
+    deadline = time.monotonic() + timeout
+    while not (last.exists() and partial.exists()):
+        assert proc.poll() is None and time.monotonic() < deadline, "no second write of last.ckpt seen"
+        time.sleep(0.001)
+    proc.kill()
+    proc.communicate(timeout=60)
+
+
+# A last.ckpt of about 100 MB: its write takes long enough to be caught in the middle.
+BIG = ["--features", "4096", "--hidden", "2048", "--train-samples", "512", "--val-samples", "256",
+       "--batch-size", "64", "--no-scale-batch-size", "--no-lr-find", "--lr", "1e-4", "--max-epochs", "4",
+       "--precision", "32-true"]
+
+
+@pytest.mark.parametrize("when", ["writing-last-ckpt", "mid-epoch"])
+def test_a_kill_9_loses_at_most_one_epoch(workdir, when):
+    run_train(*BIG, cwd=workdir, timeout=600)
+    proc = start_train(*BIG, cwd=workdir)
+    run = workdir / "lightning_logs" / "version_1"
+    last = run / "checkpoints" / "last.ckpt"
+    if when == "writing-last-ckpt":
+        kill_while_writing(proc, last)
+    else:
+        while not last.exists():
+            assert proc.poll() is None
+            time.sleep(0.01)
+        time.sleep(0.5)
+        proc.kill()
+        proc.communicate(timeout=60)
+    assert checkpoint(last)["epoch"] >= 0  # whole and loadable
+    run_train(*BIG, "--resume", str(last), cwd=workdir, timeout=600)
+    assert_same_run(run, workdir / "lightning_logs" / "version_0")
+    assert not list(run.glob("checkpoints/*.partial"))
+
+
+# --- flags on resume --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("stopped")
+    run_train(*STALLS, "--precision", "32-true", "--max-epochs", "3", cwd=cwd)
+    return cwd, cwd / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+
+
+CHANGED = [("--seed", "43"), ("--train-samples", "121"), ("--val-samples", "401"), ("--precision", "bf16-mixed"),
+           ("--fresh-data", None), ("--features", "65"), ("--hidden", "127")]
+
+
+@pytest.mark.parametrize("flag,value", CHANGED, ids=[flag for flag, _ in CHANGED])
+def test_resume_refuses_a_flag_that_defines_the_run(stopped_run, flag, value):
+    cwd, last = stopped_run
+    argv = [*STALLS, "--precision", "32-true", "--resume", str(last)]
+    if value is None:
+        argv.append(flag)
+    elif flag in argv:
+        argv[argv.index(flag) + 1] = value
+    else:
+        argv += [flag, value]
+    proc = run_train(*argv, cwd=cwd, check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and f"--resume: the checkpoint was made with {flag}" in proc.stderr
+    assert sorted(p.name for p in (cwd / "lightning_logs").iterdir()) == ["version_0"]
+
+
+def test_patience_changed_on_resume_is_used_and_reported(workdir):
+    run_train(*STALLS, "--max-epochs", "3", cwd=workdir)
+    run = workdir / "lightning_logs" / "version_0"
+    flags = [*STALLS[:-4], "--patience", "7", "--lr-patience", "3", "--max-epochs", "5"]
+    run_train(*flags, "--resume", str(run / "checkpoints" / "last.ckpt"), cwd=workdir)
+    saved = checkpoint(run / "checkpoints" / "last.ckpt")
+    early_stopping = next(v for k, v in saved["callbacks"].items() if k.startswith("ResumableEarlyStopping"))
+    assert early_stopping["patience"] == 7 and saved["lr_schedulers"][0]["patience"] == 3  # used
+    s = summary(run)
+    assert s["patience"] == 7 and s["lr_patience"] == 3 and s["epochs"] == 5
+    hparams = yaml.safe_load((run / "hparams.yaml").read_text())
+    assert hparams["patience"] == 7 and hparams["lr_patience"] == 3 and hparams["max_epochs"] == 5
+
+
+def test_help_says_which_flags_may_change_on_resume():
+    text = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "200"}).stdout
+    resume_help = " ".join(text[text.index("--resume CKPT"):].split())
+    for flag in ("--features", "--hidden", "--seed", "--train-samples", "--val-samples", "--fresh-data",
+                 "--precision"):
+        assert flag in resume_help.split("must match")[0]
+    assert "--max-epochs, --patience, --lr-patience" in resume_help
