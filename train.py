@@ -49,6 +49,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DataLoader, Dataset
+from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 
 # A feature is stored as one int8 code k, uniform on [-128, 127], and served as (2k + 1) / 256:
@@ -217,6 +218,7 @@ class SumSignModel(pl.LightningModule):
         self.hidden = nn.Linear(features, hidden)
         self.out = nn.Linear(hidden, 1)  # no activation between: both layers are linear, as the article
         self.val_acc = BinaryAccuracy()  # applies the sigmoid itself to logits
+        self.train_loss_epoch = MeanMetric(nan_strategy="disable")  # its NaN check would sync a GPU every step
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(self.hidden(x)).squeeze(-1)
@@ -225,28 +227,27 @@ class SumSignModel(pl.LightningModule):
         """Probability that each row of `x` sums to more than zero."""
         return torch.sigmoid(self.logits(x))
 
-    def _shared_step(self, batch, stage: str) -> torch.Tensor:
+    def _logits_and_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch
         logits = self.logits(x)
         # From logits: stable where sigmoid would round to 0 or 1 and BCE would take log(0).
-        loss = F.binary_cross_entropy_with_logits(logits, y.to(logits.dtype))
-        if stage == "train":  # per step (Lightning's default for training) and per epoch
-            # Lightning turns the bar's per-step values into numbers after every batch: on a GPU a
-            # host sync each step. There the bar shows the epoch's mean loss; TensorBoard has both.
-            on_cpu = self.device.type == "cpu"
-            self.log("train_loss", loss, prog_bar=on_cpu)
-            self.log("train_loss_epoch", loss, on_step=False, on_epoch=True, prog_bar=not on_cpu)
-        else:
-            self.log("val_loss", loss, prog_bar=True, sync_dist=True)
-            self.val_acc(logits, y)
-            self.log("val_acc", self.val_acc, prog_bar=True)
-        return loss
+        return logits, F.binary_cross_entropy_with_logits(logits, y.to(logits.dtype))
 
     def training_step(self, batch, batch_idx):
-        return self._shared_step(batch, "train")
+        _, loss = self._logits_and_loss(batch)
+        self.train_loss_epoch.update(loss.detach().expand(len(batch[1])))  # one value a row: weighted by rows
+        # A self.log costs more than a small step: log on the steps the logger writes, not every step.
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            # The bar turns its values into numbers after every batch, a host sync on a GPU: there it
+            # shows the epoch's mean loss instead.
+            self.log("train_loss", loss, prog_bar=self.device.type == "cpu")
+        return loss
 
     def validation_step(self, batch, batch_idx):
-        self._shared_step(batch, "val")
+        logits, loss = self._logits_and_loss(batch)
+        self.log("val_loss", loss, prog_bar=True, sync_dist=True)
+        self.val_acc(logits, batch[1])
+        self.log("val_acc", self.val_acc, prog_bar=True)
 
     def configure_optimizers(self):
         # fused: one kernel for the whole update instead of a few per tensor (measured in bench/).
@@ -262,6 +263,7 @@ class SumSignModel(pl.LightningModule):
             self.lr_schedulers().patience = self.hparams.lr_patience
 
     def on_train_epoch_end(self):
+        self.log("train_loss_epoch", self.train_loss_epoch, prog_bar=self.device.type != "cpu")
         # Stepped here, before the epoch's checkpoints are written, so last.ckpt holds the stepped
         # schedule: Lightning steps it after them, and does not replay that step on --resume.
         val_loss = self.trainer.callback_metrics.get("val_loss")

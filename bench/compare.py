@@ -1,27 +1,35 @@
-"""Training throughput of train.py against a bare PyTorch loop doing the same math.
+"""Training throughput of train.py against a bare PyTorch loop and a minimal LightningModule doing the same math.
 
     python bench/compare.py                              # CPU; D=21000, batch 512
     python bench/compare.py --steps 8 --rounds 3         # steadier medians
+    python bench/compare.py --tiny                       # 64 features, hidden 64, batch 64, 32-true: the per-step overhead
     python bench/compare.py --accelerator gpu            # on a GPU
 
-In this one process, alternating so that drift in a shared machine's speed hits both alike:
+In this one process, alternating so that drift in a shared machine's speed hits all alike:
 - the bare loop (the same two Linear layers, BCE on logits, fused Adam, batches sliced from one
   tensor already in memory, no framework) in 32-true, bf16-mixed (autocast) and bf16-true;
-- train.py's own DataModule, LightningModule and Trainer (train.make_trainer, progress bar and
-  all, tuning off), in each of those precisions, and at its default, --precision auto, on the
-  fixed set and with --fresh-data.
-Each figure is samples/s in the steady state, after --warmup steps: on the CPU the median over
-steps, on a GPU the mean over the window, which is timed between two synchronisations (a GPU step
-is queued, not run, when the CPU reaches it). Ratios are to the bare loop in the same precision
+- a minimal LightningModule with the same math: one self.log("train_loss", prog_bar=True) a step,
+  a default Trainer (progress bar, TensorBoard logger, checkpointing), no callbacks but the timing
+  probe, whole batches from memory (batch_size=None, no collation): Lightning's own floor;
+- train.py itself: main() with tuning off, so its DataModule, LightningModule, Trainer, callbacks
+  and logger, in each of those precisions, and at its default, --precision auto, on the fixed set
+  and with --fresh-data; its figure is the one summary.json reports (TrainThroughput).
+Each figure is samples/s in the steady state: on the CPU the median over steps, on a GPU the mean
+over the window, which is timed between two synchronisations (a GPU step is queued, not run, when
+the CPU reaches it). Ratios are to the bare loop in the same precision
 and to the bare float32 loop, the speed a hand-written script gets by default. Last, the data
 loader alone: the time to produce one batch, as a share of train.py's step.
 """
 
 import argparse
+import contextlib
+import io
+import json
 import logging
 import os
 import statistics
 import sys
+import tempfile
 import time
 from types import SimpleNamespace
 
@@ -30,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback
 from torch import nn
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import train  # noqa: E402
@@ -85,22 +94,61 @@ class StepEnds(Callback):
             self.ends.append(time.perf_counter())
 
 
-def train_py(args, precision: str, datamodule) -> float:
-    """Samples/s of train.py's pipeline: its DataModule, LightningModule and Trainer, tuning off."""
+class MinimalModule(pl.LightningModule):
+    """The bare loop's math in the smallest LightningModule: one self.log a step."""
+
+    def __init__(self, features: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(features, hidden), nn.Linear(hidden, 1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.binary_cross_entropy_with_logits(self.net(x).squeeze(1).float(), y)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-4, fused=True)
+
+
+def minimal_lightning(args, precision: str, device: torch.device) -> float:
+    """Samples/s of MinimalModule under a default Trainer, batches already in memory."""
     torch.manual_seed(0)
-    model = train.SumSignModel(args.features, args.hidden, lr=1e-4, batch_size=args.batch_size)
+    x = (torch.rand(args.batches * args.batch_size, args.features, device=device) * 2 - 1).to(DTYPES[precision])
+    y = (x.float().sum(1) > 0).float()
+    batches = [(x[i : i + args.batch_size], y[i : i + args.batch_size]) for i in range(0, len(x), args.batch_size)]
     probe = StepEnds(args.warmup, args.steps)
-    options = SimpleNamespace(accelerator=args.accelerator, precision=precision, deterministic=False)
-    # one validation batch after the measured steps: the lr schedule needs a val_loss
-    trainer = train.make_trainer(options, devices=1, max_epochs=1, limit_train_batches=args.warmup + args.steps + 1,
-                                 limit_val_batches=1, num_sanity_val_steps=0, logger=False,
-                                 enable_checkpointing=False, callbacks=[probe])
-    trainer.fit(model, datamodule=datamodule)
-    return rate(probe.ends, args.batch_size, model.device)
+    with tempfile.TemporaryDirectory() as root:
+        trainer = pl.Trainer(accelerator=args.accelerator, devices=1, precision=precision, default_root_dir=root,
+                             max_steps=args.warmup + args.steps + 1, enable_model_summary=False, callbacks=[probe])
+        trainer.fit(MinimalModule(args.features, args.hidden), DataLoader(batches * (args.warmup + args.steps + 1),
+                                                                          batch_size=None))
+    return rate(probe.ends, args.batch_size, device)
 
 
-def loader_seconds(args, datamodule, device: torch.device) -> float:
+def train_py(args, precision: str, fresh: bool) -> float:
+    """Samples/s of train.py itself: main() with tuning off, its callbacks and logger, one epoch.
+
+    The figure is TrainThroughput's, the median step as summary.json reports it.
+    """
+    with tempfile.TemporaryDirectory() as logdir:
+        argv = ["--accelerator", args.accelerator, "--precision", precision, "--features", str(args.features),
+                "--hidden", str(args.hidden), "--batch-size", str(args.batch_size), "--train-samples",
+                str((args.warmup + args.steps + 1) * args.batch_size), "--val-samples", str(args.batch_size),
+                "--no-scale-batch-size", "--no-lr-find", "--lr", "1e-4", "--max-epochs", "1", "--logdir", logdir,
+                *(["--fresh-data"] if fresh else [])]
+        with contextlib.redirect_stdout(io.StringIO()):  # its milestones; the bars go to stderr's tqdm too
+            assert train.main(argv) == 0
+        with open(os.path.join(logdir, "version_0", "summary.json")) as f:
+            return json.load(f)["train_samples_per_second"]
+
+
+def loader_seconds(args, datamodule, device: torch.device, precision: str) -> float:
     """Median time for train.py's train loader alone to produce one batch."""
+    # what the DataModule reads of its Trainer, which fit() detaches when it ends
+    datamodule.trainer = SimpleNamespace(current_epoch=0, world_size=1, global_rank=0, precision=precision,
+                                         strategy=SimpleNamespace(root_device=device))
+    datamodule.setup("fit")
     batches = iter(datamodule.train_dataloader())
     seconds = []
     for _ in range(args.warmup + args.steps):
@@ -132,8 +180,15 @@ def main():
     p.add_argument("--batches", type=int, default=4, help="distinct batches the bare loop cycles through")
     p.add_argument("--steps", type=int, default=5, help="measured steps per run (default: 5)")
     p.add_argument("--warmup", type=int, default=2, help="steps run before measuring (default: 2)")
-    p.add_argument("--rounds", type=int, default=1, help="bare/train.py pairs per row; medians (default: 1)")
+    p.add_argument("--rounds", type=int, default=1, help="bare/minimal/train.py runs per row; medians (default: 1)")
+    p.add_argument("--precisions", nargs="+", choices=[*DTYPES, "auto"], default=[*DTYPES, "auto"],
+                   help="rows to run; auto = train.py's default, on the fixed set and fresh data (default: all)")
+    p.add_argument("--tiny", action="store_true",
+                   help="64 features, hidden 64, batch 64, 32-true, 200 steps after 50: Python's cost per step")
     args = p.parse_args()
+    if args.tiny:
+        args.features, args.hidden, args.batch_size, args.precisions = 64, 64, 64, ["32-true"]
+        args.steps, args.warmup = max(args.steps, 200), max(args.warmup, 50)
     torch.set_float32_matmul_precision("high")  # as train.py: TF32 on tensor cores
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # as train.py: results only
     device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
@@ -144,24 +199,30 @@ def main():
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else cpu_name()}; torch "
           f"{torch.__version__}, Lightning {pl.__version__}; D={args.features}, hidden={args.hidden}, "
           f"batch={args.batch_size}; {args.steps} steps after {args.warmup}, {args.rounds} round(s)", flush=True)
-    rows = [(precision, precision, fixed) for precision in DTYPES]
-    rows += [(f"default (auto: {auto})", auto, fixed), ("default, --fresh-data", auto, fresh)]
-    table = [f"{'train.py precision':<34} {'bare samples/s':>14} {'train.py samples/s':>18} {'ratio':>6} "
-             f"{'vs bare 32-true':>15}"]
+    rows = [(precision, precision, False) for precision in DTYPES if precision in args.precisions]
+    if "auto" in args.precisions:
+        rows += [(f"default (auto: {auto})", auto, False), ("default, --fresh-data", auto, True)]
+    table = [f"{'precision':<28} {'ms per step: bare':>17} {'minimal Lightning':>17} {'train.py':>9} "
+             f"{'train.py/minimal':>16} {'train.py/bare':>13} {'vs bare 32-true':>15}"]
     bare32 = None
-    for label, precision, datamodule in rows:
-        bares, ours = [], []
+    for label, precision, fresh_data in rows:
+        bares, minimals, ours = [], [], []
         for _ in range(args.rounds):
             bares.append(bare_loop(args, precision, device))
-            ours.append(train_py(args, precision, datamodule))
-        bare, mine = statistics.median(bares), statistics.median(ours)
-        bare32 = bare32 or bare  # the first row is 32-true
-        table.append(f"{label:<34} {bare:>14.1f} {mine:>18.1f} {mine / bare:>6.3f} {mine / bare32:>15.3f}")
-    step = args.batch_size / train_py(args, auto, fixed)
+            minimals.append(minimal_lightning(args, precision, device))
+            ours.append(train_py(args, precision, fresh_data))
+        bare, minimal, mine = (statistics.median(rates) for rates in (bares, minimals, ours))
+        bare32 = bare32 or (bare if precision == "32-true" else None)
+        ms = [args.batch_size / rate_ * 1e3 for rate_ in (bare, minimal, mine)]
+        table.append(f"{label:<28} {ms[0]:>17.3f} {ms[1]:>17.3f} {ms[2]:>9.3f} {minimal / mine:>16.3f} "
+                     f"{bare / mine:>13.3f} {mine / bare32 if bare32 else float('nan'):>15.3f}")
+    table.append("(step-time ratios: train.py/minimal 1.10 means train.py's step takes 10% longer)")
+    precision = auto if "auto" in args.precisions else rows[0][1]
+    step = args.batch_size / train_py(args, precision, False)
     for name, datamodule in (("fixed set", fixed), ("--fresh-data", fresh)):
-        load = loader_seconds(args, datamodule, device)
-        table.append(f"loader alone, {name}: {load * 1e3:.1f} ms per batch = {load / step:.1%} of train.py's "
-                     f"{auto} step ({step * 1e3:.0f} ms)")
+        load = loader_seconds(args, datamodule, device, precision)
+        table.append(f"loader alone, {name}: {load * 1e3:.3f} ms per batch = {load / step:.1%} of train.py's "
+                     f"{precision} step ({step * 1e3:.3f} ms)")
     table.append(f"auto precision here: {auto} ({why})")
     print("\n" + "\n".join(table))  # after the runs' progress bars
 

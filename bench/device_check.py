@@ -10,7 +10,8 @@ and may fail without stopping the others; DIR/report.md is rewritten after every
 call cut short still leaves what it measured.
 
 1. `train.py --gpus 1` at the defaults: wall time, summary.json, peak GPU memory.
-2. bench/compare.py: train.py against the bare loop in 32-true (TF32), bf16-mixed, bf16-true.
+2. bench/compare.py: train.py against the bare loop and a minimal LightningModule in 32-true (TF32),
+   bf16-mixed, bf16-true, and the same at tiny shapes (Python's cost per step).
 3. `--deterministic` reruns at a small size: identical weights?
 4. SIGTERM during training, then `--resume` as printed: the same weights as a run never stopped?
 5. `--fresh-data` at 21000 features: how long until val_acc >= 0.99 on never-seen rows.
@@ -105,17 +106,20 @@ class Check:
 
     # --- 2 ------------------------------------------------------------------------------------
     def compare(self):
-        flags = (["--accelerator", "cpu", "--features", "256", "--hidden", "64", "--train-samples", "4096",
-                  "--steps", "5", "--warmup", "2"] if self.smoke else
-                 ["--accelerator", "gpu", "--steps", "60", "--warmup", "15", "--rounds", "3"])
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "compare.py"), *flags],
-                              capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr[-2500:])
-        lines = proc.stdout.splitlines()  # the runs' progress bars, then the table
-        start = next(i for i, line in enumerate(lines) if line.startswith("train.py precision"))
-        table = [lines[0], *lines[start:]]
-        return [f"`python bench/compare.py {shlex.join(flags)}`", "", "```", *table, "```"], {"table": table}
+        hw = ["--accelerator", "cpu" if self.smoke else "gpu"]
+        real = (["--features", "256", "--hidden", "64", "--train-samples", "4096", "--steps", "5", "--warmup", "2"]
+                if self.smoke else ["--steps", "60", "--warmup", "15", "--rounds", "3"])
+        lines, tables = [], []
+        for flags in ([*hw, *real], [*hw, "--tiny", *([] if self.smoke else ["--rounds", "3"])]):
+            proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "compare.py"), *flags],
+                                  capture_output=True, text=True, timeout=600)
+            if proc.returncode != 0:
+                raise RuntimeError(proc.stderr[-2500:])
+            out = proc.stdout.replace("\r", "\n").splitlines()  # the runs' progress bars, then the table
+            start = next(i for i, line in enumerate(out) if line.startswith("precision "))
+            tables.append([out[0], *out[start:]])
+            lines += [f"`python bench/compare.py {shlex.join(flags)}`", "", "```", *tables[-1], "```", ""]
+        return lines, {"table": tables[0], "tiny_table": tables[1]}
 
     # --- 3 ------------------------------------------------------------------------------------
     def deterministic(self):
@@ -138,26 +142,30 @@ class Check:
         small = sizes(self.smoke, ["--features", "4096", "--train-samples", "65536", "--val-samples", "1024",
                                    "--hidden", "512", "--max-epochs", "4", "--no-scale-batch-size",
                                    "--batch-size", "64", "--deterministic"],
-                      ["--features", "256", "--train-samples", "16000", "--val-samples", "300", "--hidden", "128",
-                       "--max-epochs", "4"])
+                      ["--features", "256", "--train-samples", "64000", "--val-samples", "300", "--hidden", "128",
+                       "--max-epochs", "4", "--no-scale-batch-size", "--batch-size", "64"])
         flags = [*self.hw, *small, "--patience", "10"]
         _, _, full = self.train("uninterrupted", *flags)
         cwd = os.path.join(self.work, "interrupted")
         os.makedirs(cwd)
-        proc = subprocess.Popen([sys.executable, TRAIN, *flags], cwd=cwd, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        # its output goes to files: a pipe nobody reads while it trains would fill up and stop it
+        output = open(os.path.join(cwd, "stdout.txt"), "w"), open(os.path.join(cwd, "stderr.txt"), "w")
+        proc = subprocess.Popen([sys.executable, TRAIN, *flags], cwd=cwd, stdout=output[0], stderr=output[1],
+                                text=True)
         last = os.path.join(cwd, "lightning_logs", "version_0", "checkpoints", "last.ckpt")
         deadline = time.monotonic() + 300
         while not os.path.exists(last):
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise RuntimeError(f"no epoch completed: {proc.communicate()[1][-2000:]}")
+                proc.wait()
+                raise RuntimeError(f"no epoch completed: {open(output[1].name).read()[-2000:]}")
             time.sleep(0.05)
         time.sleep(0.5)  # into the next epoch
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
         stop_seconds = time.monotonic() - sent
+        out, err = (open(f.name).read() for f in output)
         hint = re.search(r"resume with: python \S+ (.+)$", out, re.M)
         if proc.returncode != 128 + signal.SIGTERM or not hint:
             raise RuntimeError(f"exit {proc.returncode}, no resume hint:\n{out[-1500:]}\n{err[-1500:]}")
@@ -311,7 +319,7 @@ def main():
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     check = Check(args)
     steps = [(1, "train.py --gpus 1 at the defaults", check.defaults),
-             (2, "compare bench: train.py against the bare loop", check.compare),
+             (2, "compare bench: bare loop, minimal LightningModule, train.py", check.compare),
              (3, "--deterministic reruns", check.deterministic),
              (4, "SIGTERM, then --resume", check.sigterm_resume),
              (5, f"--fresh-data: time to val_acc >= {TARGET_ACC}", check.fresh_data),

@@ -21,6 +21,7 @@ def test_smoke_mode_runs_every_step_and_reports_it(tmp_path):
     assert all(f"\n## {n}. " in report for n in range(1, 7))
     assert results["1"]["summary"]["best_val_acc"] > 0.9 and results["1"]["summary"]["data"] == "fixed"
     assert any(line.startswith("default (auto: ") for line in results["2"]["table"])  # the compare bench's rows
+    assert any(line.startswith("32-true ") for line in results["2"]["tiny_table"])  # and at tiny shapes
     assert results["3"]["deterministic_identical"] is True
     assert results["4"]["exit_status"] == 143 and results["4"]["resume_identical"] is True
     assert results["5"]["summary"]["data"] == "fresh every epoch" and len(results["5"]["curve"]) == 8

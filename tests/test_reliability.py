@@ -15,7 +15,7 @@ import train
 from conftest import ROOT, TINY, WIDE, interrupt_after_first_epoch, run_train, start_train, summary, wait_for
 
 # An epoch of about a second on 2 cores, so a signal lands in the middle of one.
-MEDIUM = ["--features", "512", "--train-samples", "16000", "--val-samples", "500", "--hidden", "256",
+MEDIUM = ["--features", "2048", "--train-samples", "16000", "--val-samples", "500", "--hidden", "512",
           "--max-epochs", "4", "--patience", "10"]
 TIMINGS = ("tune_seconds", "fit_seconds", "total_seconds", "train_samples_per_second", "peak_rss_bytes",
            "checkpoint", "last_checkpoint")
