@@ -40,7 +40,6 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
-from pytorch_lightning.core.saving import save_hparams_to_yaml
 from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.loggers import TensorBoardLogger
@@ -62,7 +61,8 @@ NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CP
 MEMORY_FRACTION = 0.5  # of the RAM available when tuning starts that batches may use
 LR_DECAY = 0.5  # factor on the learning rate each time val_loss stalls for --lr-patience epochs
 # What --resume must find unchanged: every other flag either may change or is taken from the checkpoint.
-RUN_DEFINING_FLAGS = ("features", "hidden", "seed", "train_samples", "val_samples", "fresh_data", "precision")
+RUN_DEFINING_FLAGS = ("features", "hidden", "seed", "train_samples", "val_samples", "fresh_data", "precision",
+                      "patience", "lr_patience")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,10 +258,6 @@ class SumSignModel(pl.LightningModule):
         plateau = ReduceLROnPlateau(optimizer, factor=LR_DECAY, patience=self.hparams.lr_patience)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, "monitor": "val_loss"}}
 
-    def on_train_start(self):
-        if isinstance(self.lr_schedulers(), ReduceLROnPlateau):  # --lr-patience may change on --resume
-            self.lr_schedulers().patience = self.hparams.lr_patience
-
     def on_train_epoch_end(self):
         self.log("train_loss_epoch", self.train_loss_epoch, prog_bar=self.device.type != "cpu")
         # Stepped here, before the epoch's checkpoints are written, so last.ckpt holds the stepped
@@ -376,14 +372,7 @@ class RunCheckpoint(ModelCheckpoint):
 
 
 class ResumableEarlyStopping(EarlyStopping):
-    """EarlyStopping for --resume: --patience may change (Lightning restores the checkpoint's), and a
-    run that had stopped stays stopped (Lightning would train one more epoch before checking).
-    """
-
-    def load_state_dict(self, state_dict):
-        super().load_state_dict({**state_dict, "patience": self.patience})
-        if self.stopping_reason == EarlyStoppingReason.PATIENCE_EXHAUSTED and self.wait_count < self.patience:
-            self.stopping_reason = EarlyStoppingReason.NOT_STOPPED  # --patience was raised: the run goes on
+    """EarlyStopping whose run, once stopped, stays stopped when resumed (Lightning trains one more epoch)."""
 
     def on_train_start(self, trainer, pl_module):
         trainer.should_stop = self.stopping_reason != EarlyStoppingReason.NOT_STOPPED
@@ -574,8 +563,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="continue the run that wrote this checkpoint (its last.ckpt), in its folder, "
                             "with its tuned batch size and lr (tuning is skipped); the flags that define "
                             "the run (--features, --hidden, --seed, --train-samples, --val-samples, "
-                            "--fresh-data, --precision) must match it; --max-epochs, --patience, "
-                            "--lr-patience and the hardware flags may change")
+                            "--fresh-data, --precision, --patience, --lr-patience) must match it; "
+                            "--max-epochs and the hardware flags may change")
     train.add_argument("--fast-dev-run", action="store_true",
                        help="one training and one validation batch, no tuning, no files: a smoke test")
     args = p.parse_args(argv)
@@ -629,7 +618,9 @@ def checkpoint_hparams(p: OneLineParser, args: argparse.Namespace) -> dict:
         p.error(f"argument --resume: {args.resume!r} is not a checkpoint written by train.py")
     if "optimizer_states" not in checkpoint:
         p.error(f"argument --resume: {args.resume!r} holds weights only; resume from the run's last.ckpt")
-    hparams["precision"] = checkpoint.get("precision")
+    early_stopping = next((state for key, state in checkpoint["callbacks"].items()
+                           if key.startswith(ResumableEarlyStopping.__name__)), {})
+    hparams.update(precision=checkpoint.get("precision"), patience=early_stopping.get("patience"))
     for flag in RUN_DEFINING_FLAGS:
         if hparams.get(flag) != getattr(args, flag):
             p.error(f"argument --resume: the checkpoint was made with --{flag.replace('_', '-')} "
@@ -828,11 +819,6 @@ def main(argv=None) -> int:
         t_tune = time.perf_counter()
         if args.resume:
             tuned.values = {k: args.resume_hparams[k] for k in ("batch_size", "lr")}
-            if trainer.is_global_zero:  # the flags that may change (--patience, ...) as this run uses them
-                model.hparams.update(tuned.values)
-                log_hyperparameters(logger, args, model)
-                # Lightning's logger writes hparams.yaml only where there is none yet
-                save_hparams_to_yaml(os.path.join(logger.log_dir, "hparams.yaml"), logger.hparams)
         elif args.fast_dev_run:
             tuned.values = {"batch_size": args.batch_size, "lr": args.lr}
         elif trainer.is_global_zero:  # once per job; the other ranks get the values in fit()
