@@ -562,9 +562,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--resume", metavar="CKPT", default=None,
                        help="continue the run that wrote this checkpoint (its last.ckpt), in its folder, "
                             "with its tuned batch size and lr (tuning is skipped); the flags that define "
-                            "the run (--features, --hidden, --seed, --train-samples, --val-samples, "
-                            "--fresh-data, --precision, --patience, --lr-patience) must match it; "
-                            "--max-epochs and the hardware flags may change")
+                            f"the run ({', '.join('--' + flag.replace('_', '-') for flag in RUN_DEFINING_FLAGS)}) "
+                            "must match it; --max-epochs and the hardware flags may change")
     train.add_argument("--fast-dev-run", action="store_true",
                        help="one training and one validation batch, no tuning, no files: a smoke test")
     args = p.parse_args(argv)
