@@ -1,8 +1,8 @@
-"""Training throughput of train.py against a bare PyTorch loop and a minimal LightningModule doing the same math.
+"""Step time of train.py against a bare PyTorch loop and a minimal LightningModule with the same math.
 
     python bench/compare.py                              # CPU; D=21000, batch 512
     python bench/compare.py --steps 8 --rounds 3         # steadier medians
-    python bench/compare.py --tiny                       # 64 features, hidden 64, batch 64, 32-true: the per-step overhead
+    python bench/compare.py --tiny                       # 64 features, hidden 64, batch 64: Python's cost
     python bench/compare.py --accelerator gpu            # on a GPU
 
 In this one process, alternating so that drift in a shared machine's speed hits all alike:
