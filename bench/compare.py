@@ -137,7 +137,7 @@ def train_py(args, precision: str, fresh: bool) -> float:
                 str((args.warmup + args.steps + 1) * args.batch_size), "--val-samples", str(args.batch_size),
                 "--no-scale-batch-size", "--no-lr-find", "--lr", "1e-4", "--max-epochs", "1", "--logdir", logdir,
                 *(["--fresh-data"] if fresh else [])]
-        with contextlib.redirect_stdout(io.StringIO()):  # its milestones; the bars go to stderr's tqdm too
+        with contextlib.redirect_stdout(io.StringIO()):  # its milestones and progress bar: the table alone
             assert train.main(argv) == 0
         with open(os.path.join(logdir, "version_0", "summary.json")) as f:
             return json.load(f)["train_samples_per_second"]

@@ -165,6 +165,8 @@ class Check:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
         stop_seconds = time.monotonic() - sent
+        for f in output:
+            f.close()
         out, err = (open(f.name).read() for f in output)
         hint = re.search(r"resume with: python \S+ (.+)$", out, re.M)
         if proc.returncode != 128 + signal.SIGTERM or not hint:
