@@ -12,8 +12,8 @@ In this one process, alternating so that drift in a shared machine's speed hits 
   a default Trainer (progress bar, TensorBoard logger, checkpointing), no callbacks but the timing
   probe, whole batches from memory (batch_size=None, no collation): Lightning's own floor;
 - train.py itself: main() with tuning off, so its DataModule, LightningModule, Trainer, callbacks
-  and logger, in each of those precisions, and at its default, --precision auto, on the fixed set
-  and with --fresh-data; its figure is the one summary.json reports (TrainThroughput).
+  and logger, in each of those precisions, and at its default, --precision auto, with new rows
+  every epoch (the default) and with --fixed-data; its figure is the one summary.json reports (TrainThroughput).
 Each figure is samples/s in the steady state: on the CPU the median over steps, on a GPU the mean
 over the window, which is timed between two synchronisations (a GPU step is queued, not run, when
 the CPU reaches it). Ratios are to the bare loop in the same precision
@@ -126,7 +126,7 @@ def minimal_lightning(args, precision: str, device: torch.device) -> float:
     return rate(probe.ends, args.batch_size, device)
 
 
-def train_py(args, precision: str, fresh: bool) -> float:
+def train_py(args, precision: str, fixed: bool) -> float:
     """Samples/s of train.py itself: main() with tuning off, its callbacks and logger, one epoch.
 
     The figure is TrainThroughput's, the median step as summary.json reports it.
@@ -136,7 +136,7 @@ def train_py(args, precision: str, fresh: bool) -> float:
                 "--hidden", str(args.hidden), "--batch-size", str(args.batch_size), "--train-samples",
                 str((args.warmup + args.steps + 1) * args.batch_size), "--val-samples", str(args.batch_size),
                 "--no-scale-batch-size", "--no-lr-find", "--lr", "1e-4", "--max-epochs", "1", "--logdir", logdir,
-                *(["--fresh-data"] if fresh else [])]
+                *(["--fixed-data"] if fixed else [])]
         with contextlib.redirect_stdout(io.StringIO()):  # its milestones and progress bar: the table alone
             assert train.main(argv) == 0
         with open(os.path.join(logdir, "version_0", "summary.json")) as f:
@@ -182,7 +182,7 @@ def main():
     p.add_argument("--warmup", type=int, default=2, help="steps run before measuring (default: 2)")
     p.add_argument("--rounds", type=int, default=1, help="bare/minimal/train.py runs per row; medians (default: 1)")
     p.add_argument("--precisions", nargs="+", choices=[*DTYPES, "auto"], default=[*DTYPES, "auto"],
-                   help="rows to run; auto = train.py's default, on the fixed set and fresh data (default: all)")
+                   help="rows to run; auto = train.py's default, with new rows and --fixed-data (default: all)")
     p.add_argument("--tiny", action="store_true",
                    help="64 features, hidden 64, batch 64, 32-true, 200 steps after 50: Python's cost per step")
     args = p.parse_args()
@@ -193,24 +193,24 @@ def main():
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # as train.py: results only
     device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
     auto, why = train.auto_precision(args.accelerator, train.cpu_flags())
-    fixed = train.SumSignDataModule(args.train_samples, 1, args.features, seed=42, batch_size=args.batch_size)
-    fresh = train.SumSignDataModule(args.train_samples, 1, args.features, seed=42, batch_size=args.batch_size,
-                                    fresh_data=True)
+    fresh = train.SumSignDataModule(args.train_samples, 1, args.features, seed=42, batch_size=args.batch_size)
+    fixed = train.SumSignDataModule(args.train_samples, 1, args.features, seed=42, batch_size=args.batch_size,
+                                    fixed_data=True)
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else cpu_name()}; torch "
           f"{torch.__version__}, Lightning {pl.__version__}; D={args.features}, hidden={args.hidden}, "
           f"batch={args.batch_size}; {args.steps} steps after {args.warmup}, {args.rounds} round(s)", flush=True)
     rows = [(precision, precision, False) for precision in DTYPES if precision in args.precisions]
     if "auto" in args.precisions:
-        rows += [(f"default (auto: {auto})", auto, False), ("default, --fresh-data", auto, True)]
+        rows += [(f"default (auto: {auto})", auto, False), ("default, --fixed-data", auto, True)]
     table = [f"{'precision':<28} {'ms per step: bare':>17} {'minimal Lightning':>17} {'train.py':>9} "
              f"{'train.py/minimal':>16} {'train.py/bare':>13} {'vs bare 32-true':>15}"]
     bare32 = None
-    for label, precision, fresh_data in rows:
+    for label, precision, fixed_data in rows:
         bares, minimals, ours = [], [], []
         for _ in range(args.rounds):
             bares.append(bare_loop(args, precision, device))
             minimals.append(minimal_lightning(args, precision, device))
-            ours.append(train_py(args, precision, fresh_data))
+            ours.append(train_py(args, precision, fixed_data))
         bare, minimal, mine = (statistics.median(rates) for rates in (bares, minimals, ours))
         bare32 = bare32 or (bare if precision == "32-true" else None)
         ms = [args.batch_size / rate_ * 1e3 for rate_ in (bare, minimal, mine)]
@@ -219,7 +219,7 @@ def main():
     table.append("(step-time ratios: train.py/minimal 1.10 means train.py's step takes 10% longer)")
     precision = auto if "auto" in args.precisions else rows[0][1]
     step = args.batch_size / train_py(args, precision, False)
-    for name, datamodule in (("fixed set", fixed), ("--fresh-data", fresh)):
+    for name, datamodule in (("new rows", fresh), ("--fixed-data", fixed)):
         load = loader_seconds(args, datamodule, device, precision)
         table.append(f"loader alone, {name}: {load * 1e3:.3f} ms per batch = {load / step:.1%} of train.py's "
                      f"{precision} step ({step * 1e3:.3f} ms)")

@@ -9,12 +9,13 @@ matplotlib), no network. Each step runs train.py or a bench in processes of its 
 and may fail without stopping the others; DIR/report.md is rewritten after every step, so a
 call cut short still leaves what it measured.
 
-1. `train.py --gpus 1` at the defaults: wall time, summary.json, peak GPU memory.
+1. `train.py --gpus 1` at the defaults: wall time, seconds of training until val_acc >= 0.99 on
+   never-seen rows, what ended the run, summary.json, peak GPU memory.
 2. bench/compare.py: train.py against the bare loop and a minimal LightningModule in 32-true (TF32),
    bf16-mixed, bf16-true, and the same at tiny shapes (Python's cost per step).
 3. `--deterministic` reruns at a small size: identical weights?
 4. SIGTERM during training, then `--resume` as printed: the same weights as a run never stopped?
-5. `--fresh-data` at 21000 features: how long until val_acc >= 0.99 on never-seen rows.
+5. `--fixed-data`, the article's one fixed set: wall time and best val_acc.
 6. Host synchronisations per training step (torch.cuda.set_sync_debug_mode): the GPU never waits.
 """
 
@@ -45,6 +46,25 @@ TARGET_ACC = 0.99
 
 def sizes(smoke: bool, small: list[str], tiny: list[str]) -> list[str]:
     return tiny if smoke else small
+
+
+def flags_value(flags: list[str], flag: str) -> str | None:
+    return flags[flags.index(flag) + 1] if flag in flags else None
+
+
+def time_to_target(run: str, rows: int) -> tuple[list[str], list, tuple | None]:
+    """Report lines on when val_acc first reached TARGET_ACC, in seconds of training; the curve; that point."""
+    events = event_scalars(run)
+    fit_start = events["lr-Adam"][0][0]  # logged as epoch 0 starts
+    curve = [(wall - fit_start, acc) for wall, acc in events["val_acc"]]
+    reached = next(((t, e, acc) for e, (t, acc) in enumerate(curve) if acc >= TARGET_ACC), None)
+    lines = [(f"- val_acc >= {TARGET_ACC} after **{reached[0]:.1f} s of training** (epoch {reached[1]}, "
+              f"{(reached[1] + 1) * rows:,} new rows seen), val_acc {reached[2]:.4f}" if reached else
+              f"- val_acc never reached {TARGET_ACC}: best {max(a for _, a in curve):.4f}"), "",
+             "| epoch | seconds into training | val_acc | lr |", "| ---: | ---: | ---: | ---: |",
+             *[f"| {e} | {t:.1f} | {acc:.4f} | {lr:.3g} |" for e, ((t, acc), (_, lr))
+               in enumerate(zip(curve, events["lr-Adam"]))]]
+    return lines, curve, reached
 
 
 class Check:
@@ -91,18 +111,21 @@ class Check:
 
     # --- 1 ------------------------------------------------------------------------------------
     def defaults(self):
-        flags = [*self.hw, *sizes(self.smoke, [], ["--features", "64", "--train-samples", "2000", "--val-samples",
-                                                    "300", "--hidden", "64", "--max-epochs", "3"])]
+        flags = [*self.hw, *sizes(self.smoke, [], ["--features", "32", "--train-samples", "4000", "--val-samples",
+                                                    "500", "--hidden", "64", "--max-epochs", "8"])]
         with GpuMemoryPoll(self.smoke) as memory:
             proc, seconds, run = self.train("defaults", *flags)
         s = json.load(open(os.path.join(run, "summary.json")))
         milestones = [line for line in proc.stdout.splitlines() if re.match(r"(precision|batch size|learning rate|"
                                                                              r"best checkpoint|done in):", line)]
-        lines = [f"`python train.py {shlex.join(flags)}`: {seconds:.1f} s wall, exit 0", "", "```", *milestones, "```",
-                 "", "| summary.json | value |", "| --- | --- |",
+        curve_lines, curve, reached = time_to_target(run, int(flags_value(flags, "--train-samples") or 43210))
+        lines = [f"`python train.py {shlex.join(flags)}`: {seconds:.1f} s wall, exit 0, ended by "
+                 f"**{s['ended_by']}**", "", "```", *milestones, "```", "", *curve_lines, "",
+                 "| summary.json | value |", "| --- | --- |",
                  *[f"| {k} | {v} |" for k, v in s.items() if k not in ("checkpoint", "last_checkpoint")],
                  f"| peak GPU memory, nvidia-smi (whole process) | {memory.peak_text()} |"]
-        return lines, {"wall_seconds": seconds, "summary": s, "nvidia_smi_peak_mib": memory.peak_mib}
+        return lines, {"wall_seconds": seconds, "summary": s, "nvidia_smi_peak_mib": memory.peak_mib,
+                       "seconds_to_target": reached and reached[0], "curve": curve}
 
     # --- 2 ------------------------------------------------------------------------------------
     def compare(self):
@@ -181,27 +204,15 @@ class Check:
         return lines, {"exit_status": proc.returncode, "stop_seconds": stop_seconds, "resume_identical": same}
 
     # --- 5 ------------------------------------------------------------------------------------
-    def fresh_data(self):
-        flags = [*self.hw, "--fresh-data", *sizes(
-            self.smoke, ["--train-samples", str(self.args.fresh_rows), "--max-epochs", str(self.args.fresh_epochs)],
-            ["--features", "64", "--train-samples", "4000", "--val-samples", "500", "--hidden", "64",
-             "--max-epochs", "8"])]
-        proc, seconds, run = self.train("fresh", *flags)
+    def fixed_data(self):
+        flags = [*self.hw, "--fixed-data", *sizes(self.smoke, [], ["--features", "64", "--train-samples", "4000",
+                                                                  "--val-samples", "500", "--hidden", "64"])]
+        proc, seconds, run = self.train("fixed", *flags)
         s = json.load(open(os.path.join(run, "summary.json")))
-        events = event_scalars(run)
-        fit_start = events["lr-Adam"][0][0]  # logged as epoch 0 starts
-        curve = [(wall - fit_start, acc) for wall, acc in events["val_acc"]]
-        reached = next(((t, e, acc) for e, (t, acc) in enumerate(curve) if acc >= TARGET_ACC), None)
-        rows = int(flags[flags.index("--train-samples") + 1])
         lines = [f"`python train.py {shlex.join(flags)}`: {seconds:.0f} s wall; batch {s['batch_size']}, lr "
-                 f"{s['lr']:.3g}, {s['precision']}, {s['epochs']} epochs, best val_acc {s['best_val_acc']:.4f}", "",
-                 (f"- val_acc >= {TARGET_ACC} after **{reached[0]:.1f} s of training** (epoch {reached[1]}, "
-                  f"{(reached[1] + 1) * rows:,} fresh rows seen), val_acc {reached[2]:.4f}" if reached else
-                  f"- val_acc never reached {TARGET_ACC}: best {max(a for _, a in curve):.4f}"), "",
-                 "| epoch | seconds into training | val_acc | lr |", "| ---: | ---: | ---: | ---: |",
-                 *[f"| {e} | {t:.1f} | {acc:.4f} | {lr:.3g} |" for e, ((t, acc), (_, lr))
-                   in enumerate(zip(curve, events["lr-Adam"]))]]
-        return lines, {"summary": s, "seconds_to_target": reached and reached[0], "curve": curve}
+                 f"{s['lr']:.3g}, {s['precision']}, {s['epochs']} epochs, ended by {s['ended_by']}, best val_acc "
+                 f"{s['best_val_acc']:.4f} on never-seen rows"]
+        return lines, {"summary": s}
 
     # --- 6 ------------------------------------------------------------------------------------
     def host_syncs(self):
@@ -313,8 +324,6 @@ def main():
     p.add_argument("--out", required=True, help="folder for report.md and results.json")
     p.add_argument("--smoke", action="store_true", help="the same steps on the CPU at tiny sizes")
     p.add_argument("--only", type=int, nargs="+", choices=range(1, 7), help="run only these steps")
-    p.add_argument("--fresh-rows", type=int, default=432100, help="step 5: new rows per epoch (default: 432100)")
-    p.add_argument("--fresh-epochs", type=int, default=20, help="step 5: epochs (default: 20)")
     args = p.parse_args()
     if not args.smoke and not torch.cuda.is_available():
         p.error("no CUDA GPU here; use --smoke to run the steps on the CPU")
@@ -324,7 +333,7 @@ def main():
              (2, "compare bench: bare loop, minimal LightningModule, train.py", check.compare),
              (3, "--deterministic reruns", check.deterministic),
              (4, "SIGTERM, then --resume", check.sigterm_resume),
-             (5, f"--fresh-data: time to val_acc >= {TARGET_ACC}", check.fresh_data),
+             (5, "--fixed-data: the article's fixed set", check.fixed_data),
              (6, "host synchronisations per training step", check.host_syncs)]
     for number, title, step in steps:
         if not args.only or number in args.only:

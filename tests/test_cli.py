@@ -53,7 +53,19 @@ BAD = [
     (["--no-such-flag"], "--no-such-flag"),
     (["--devices", "-1"], "--devices"),  # all GPUs: none on the CPU
     (["--precision", "16-mixed"], "--precision"),  # float16 autocast is for GPUs; Lightning would run bf16
+    (["--max-time", "10"], "--max-time"),  # no unit
+    (["--max-time", "0m"], "--max-time"),
+    (["--max-time", "1.5h"], "--max-time"),
+    (["--max-time", "m10"], "--max-time"),
+    (["--lr-decay-epochs", "0"], "--lr-decay-epochs"),
+    (["--fresh-data"], "--fresh-data"),  # fresh rows are the default; --fixed-data is the other mode
 ]
+
+
+@pytest.mark.parametrize("text,seconds", [("90s", 90), ("10m", 600), ("1h30m", 5400), ("2d", 172800),
+                                          ("1h0m5s", 3605)])
+def test_max_time_reads_as_a_person_types_it(text, seconds):
+    assert train.parse_args(["--max-time", text]).max_time.total_seconds() == seconds
 
 
 @pytest.mark.parametrize("argv,flag", BAD, ids=[" ".join(a) for a, _ in BAD])

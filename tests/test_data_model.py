@@ -48,7 +48,7 @@ def test_each_split_is_a_pure_function_of_seed_and_split():
 
 def datamodule_at(epoch, fresh_data, rank=0, world_size=1, samples=1000, batch_size=64, precision="32-true"):
     """The DataModule as Lightning drives it, for one epoch on one rank, without a Trainer."""
-    dm = SumSignDataModule(samples, 300, 20, seed=3, batch_size=batch_size, fresh_data=fresh_data)
+    dm = SumSignDataModule(samples, 300, 20, seed=3, batch_size=batch_size, fixed_data=not fresh_data)
     dm.trainer = SimpleNamespace(current_epoch=epoch, global_rank=rank, world_size=world_size, precision=precision,
                                  strategy=SimpleNamespace(root_device=torch.device("cpu")))
     dm.setup("fit")

@@ -11,6 +11,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import MAX_EPOCHS, ROOT, TINY, run_train, summary
+from train import SumSignDataset, SumSignModel
 
 
 def test_run_folder_holds_checkpoints_plot_and_summary(default_run):
@@ -24,17 +25,16 @@ def test_run_folder_holds_checkpoints_plot_and_summary(default_run):
     assert len(list(run.glob("events.out.tfevents.*"))) == 1  # one writer, closed once
     assert [p.name for p in logdir.glob(".*")] == []  # the tuners' scratch folder is gone
     s = summary(run)
-    assert set(s) == {"batch_size", "lr", "precision", "data", "world_size", "patience", "lr_patience", "epochs",
-                      "stopped_early", "diverged",
+    assert set(s) == {"batch_size", "lr", "precision", "data", "world_size", "patience", "lr_decay_epochs", "epochs",
+                      "ended_by",
                       "best_val_loss", "best_val_acc", "checkpoint", "last_checkpoint", "tune_seconds",
                       "fit_seconds", "total_seconds", "train_samples_per_second", "peak_rss_bytes",
                       "peak_gpu_memory_bytes"}
-    assert s["precision"] in ("32-true", "bf16-mixed") and s["data"] == "fixed" and s["world_size"] == 1
+    assert s["precision"] in ("32-true", "bf16-mixed") and s["data"] == "fresh every epoch" and s["world_size"] == 1
     assert s["peak_gpu_memory_bytes"] is None  # CPU run
     assert Path(s["checkpoint"]).is_file() and Path(s["checkpoint"]).parent == run / "checkpoints"
     assert 1 <= s["epochs"] <= MAX_EPOCHS
-    assert s["stopped_early"] == (s["epochs"] < MAX_EPOCHS)
-    assert s["diverged"] is False
+    assert s["ended_by"] == ("patience" if s["epochs"] < MAX_EPOCHS else "max_epochs")
     # tuning on small data keeps >= 64 steps an epoch (4000 // 64 = 62) and finds an lr far above 1e-6
     assert 1 <= s["batch_size"] <= 4000 // 64
     assert 1e-5 < s["lr"] < 1
@@ -51,7 +51,7 @@ def test_milestones_are_printed_once(default_run):
     assert len(re.findall(r"^precision: (32-true|bf16-mixed) \(auto: .+\)$", out, re.M)) == 1
     assert len(re.findall(r"^batch size: \d+ per device \(scaling stopped at: .+\)$", out, re.M)) == 1
     assert len(re.findall(r"^learning rate: [0-9.e-]+$", out, re.M)) == 1
-    assert len(re.findall(r"^best checkpoint: .+best-epoch=\d+\.ckpt \(val_loss", out, re.M)) == 1
+    assert len(re.findall(r"^best checkpoint: .+best-epoch=\d+\.ckpt \(val_acc", out, re.M)) == 1
     assert "tensorboard --logdir=lightning_logs" in out
 
 
@@ -71,12 +71,13 @@ def test_tensorboard_holds_curves_hparams_and_lr_plot(default_run):
     tags = events.Tags()
     train_loss = events.Scalars("train_loss")
     steps_per_epoch = -(-4000 // s["batch_size"])
-    # logged every 50 steps (Lightning's default), over every epoch
+    # logged every 50 steps (Lightning's default), over every epoch; the epoch means fall
     assert len(train_loss) >= s["epochs"] * steps_per_epoch // 50 - 1
-    assert train_loss[-1].value < train_loss[0].value
+    epoch_losses = [e.value for e in events.Scalars("train_loss_epoch")]
+    assert len(epoch_losses) == s["epochs"] and epoch_losses[-1] < epoch_losses[0]
     val_loss, val_acc = events.Scalars("val_loss"), events.Scalars("val_acc")
     assert len(val_loss) == len(val_acc) == s["epochs"]
-    best_epoch = min(range(len(val_loss)), key=lambda e: val_loss[e].value)
+    best_epoch = max(range(len(val_acc)), key=lambda e: (val_acc[e].value, -e))  # the first best
     assert val_loss[best_epoch].value == pytest.approx(s["best_val_loss"], rel=1e-5)
     assert val_acc[best_epoch].value == pytest.approx(s["best_val_acc"], abs=1e-6)
     assert f"best-epoch={best_epoch}.ckpt" in s["checkpoint"]
@@ -86,25 +87,50 @@ def test_tensorboard_holds_curves_hparams_and_lr_plot(default_run):
     hparams = (run / "hparams.yaml").read_text()
     assert f"batch_size: {s['batch_size']}\n" in hparams and f"lr: {s['lr']}\n" in hparams
     assert "features: 32\n" in hparams and f"precision: {s['precision']}\n" in hparams
-    assert "fresh_data: false\n" in hparams and "hp_metric" not in tags["scalars"]
+    assert "fixed_data: false\n" in hparams and "hp_metric" not in tags["scalars"]
 
 
-def test_early_stopping_ends_a_plateaued_run(workdir):
-    # A learning rate this large reaches its best val_loss within a few epochs and then
-    # wanders: the run must end `patience` epochs after its best one, far before max-epochs.
-    run_train(*TINY, "--no-lr-find", "--lr", "0.02", "--patience", "2", "--max-epochs", "60", cwd=workdir)
+@pytest.mark.parametrize("data", [["--fixed-data"], []], ids=["fixed", "fresh"])
+def test_early_stopping_ends_a_run_once_val_acc_stops_rising(workdir, data):
+    # A learning rate this large reaches its best val_acc within a few epochs and then wanders:
+    # the run must end `patience` epochs after its best one, far before max-epochs.
+    run_train(*TINY, *data, "--no-lr-find", "--lr", "0.02", "--patience", "2", "--max-epochs", "60", cwd=workdir)
     run = workdir / "lightning_logs" / "version_0"
     s = summary(run)
-    assert s["stopped_early"] and not s["diverged"] and s["epochs"] < 60
+    assert s["ended_by"] == "patience" and s["epochs"] < 60
     best_epoch = int(re.search(r"best-epoch=(\d+)\.ckpt", s["checkpoint"]).group(1))
     assert s["epochs"] == best_epoch + 2 + 1
     events = EventAccumulator(str(run)).Reload()
-    losses = [e.value for e in events.Scalars("val_loss")]
-    assert len(losses) == s["epochs"] and min(losses) == losses[best_epoch]
-    assert all(v >= losses[best_epoch] for v in losses[best_epoch + 1:])
-    # last.ckpt holds the last completed epoch, also when that epoch did not improve val_loss
+    accs = [e.value for e in events.Scalars("val_acc")]
+    assert len(accs) == s["epochs"] and max(accs) == accs[best_epoch] == s["best_val_acc"]
+    assert all(v <= accs[best_epoch] for v in accs[best_epoch + 1:])
+    # last.ckpt holds the last completed epoch, also when that epoch did not improve val_acc
     last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["epoch"] == s["epochs"] - 1 > best_epoch
+
+
+def test_the_checkpoints_hold_the_averaged_weights_that_were_validated(workdir):
+    run_train(*TINY, "--precision", "32-true", "--max-epochs", "4", "--patience", "1", cwd=workdir)
+    s = summary(workdir / "lightning_logs" / "version_0")
+    x, y = SumSignDataset(500, 32, 42, "val")[torch.arange(500)]
+    for path, accuracies in ((s["checkpoint"], [s["best_val_acc"]]), (s["last_checkpoint"], None)):
+        model = SumSignModel.load_from_checkpoint(path, map_location="cpu")
+        with torch.no_grad():
+            accuracy = ((model.logits(x) > 0).float() == y).float().mean().item()
+        if accuracies is None:  # last.ckpt: the last epoch's val_acc
+            accuracies = [e.value for e in EventAccumulator(str(Path(path).parent.parent)).Reload().Scalars("val_acc")][-1:]
+        assert accuracy == pytest.approx(accuracies[0], abs=1e-6), path
+    # last.ckpt also keeps the weights training continues from, for --resume
+    last = torch.load(s["last_checkpoint"], map_location="cpu", weights_only=False)
+    assert not torch.equal(last["current_model_state"]["hidden.weight"], last["state_dict"]["hidden.weight"])
+
+
+def test_max_time_ends_a_run_and_says_so(workdir):
+    proc = run_train(*TINY, "--no-lr-find", "--lr", "1e-3", "--max-time", "3s", "--max-epochs", "1000",
+                     "--patience", "1000", cwd=workdir)
+    s = summary(workdir / "lightning_logs" / "version_0")
+    assert s["ended_by"] == "max_time" and 1 <= s["epochs"] < 1000 and s["fit_seconds"] < 30
+    assert "ended by max_time" in proc.stdout
 
 
 def test_fast_dev_run_writes_no_run_folder(workdir):
@@ -130,9 +156,9 @@ def test_resume_with_other_sizes_is_refused(default_run):
     cwd, _ = default_run
     last = cwd / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     before = sorted(p.name for p in (cwd / "lightning_logs").iterdir())
-    for flag in ("--features", "--hidden", "--fresh-data"):
+    for flag in ("--features", "--hidden", "--fixed-data"):
         argv = [*TINY, "--resume", str(last)]
-        if flag == "--fresh-data":
+        if flag == "--fixed-data":
             argv.append(flag)
         else:
             argv[argv.index(flag) + 1] = "16"
