@@ -30,6 +30,7 @@ import re
 import resource
 import shlex
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -53,16 +54,14 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 
-# A feature is stored as one int8 code k, uniform on [-128, 127], and served as (2k + 1) / 256:
-# uniform on 256 evenly spaced points of (-1, 1). One byte a value keeps the default training set
-# at 0.9 GB instead of 3.6 GB, the codes come straight from random bits (8 to each 64-bit draw),
-# and the label is exact: the values sum to > 0 exactly when 2 * sum(k) + features > 0.
+# A feature is one int8 code k from random bits, served as (2k + 1) / 256: 256 evenly spaced values
+# in (-1, 1), one byte each, and an exact label: the row sums to > 0 when 2 * sum(k) + features > 0.
 GENERATION_CHUNK_ROWS = 1024  # rows drawn at a time: bounds the int32 temporaries of the label sums
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
 NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs with bf16 matmul units
 MEMORY_FRACTION = 0.5  # of the RAM available when tuning starts that batches may use
+AVERAGING_GAMMA = 1  # the averaged weights span about the last half of the steps
 # What --resume must find unchanged: every other flag either may change or is taken from the checkpoint.
-AVERAGING_GAMMA = 1  # the average spans about the last half of the steps
 RUN_DEFINING_FLAGS = ("features", "hidden", "seed", "train_samples", "val_samples", "fixed_data", "precision",
                       "patience", "lr_decay_epochs")
 
@@ -89,11 +88,7 @@ def labels(codes: torch.Tensor) -> torch.Tensor:
 
 
 class SumSignDataset(Dataset):
-    """A fixed split: `samples` rows of `features` values in (-1, 1), labelled 1.0 where they sum to > 0.
-
-    The split is a pure function of (seed, split): its own generator draws it, whatever the
-    device, batch size or number of processes, and a longer split starts with a shorter one.
-    """
+    """A fixed split of `samples` rows, labelled 1.0 where they sum to > 0: a function of (seed, split) alone."""
 
     def __init__(self, samples: int, features: int, seed: int, split: str):
         generator = random_stream("cpu", seed, split)
@@ -114,14 +109,11 @@ class SumSignDataset(Dataset):
 
     def __getitem__(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows at the indices `rows`, a tensor on the data's device: one gather there."""
-        # index_select, not [], which is 18x slower on the CPU
         return values(self.codes.index_select(0, rows), self.dtype), self.labels.index_select(0, rows)
 
 
 class EpochRows(Dataset):
-    """One rank's rows of a fixed split, in one epoch's order. An item is a whole batch: the rows
-    at a slice of positions.
-    """
+    """One rank's rows of a fixed split in one epoch's order; an item is the batch at a slice of positions."""
 
     def __init__(self, split: SumSignDataset, order: torch.Tensor):
         self.split, self.order = split, order
@@ -134,10 +126,8 @@ class EpochRows(Dataset):
 
 
 class FreshRows(Dataset):
-    """One rank's rows of one epoch of fresh data, drawn on `device` when asked for, never stored.
-
-    The batch at positions [start, stop) is drawn by a generator seeded from (seed, epoch, rank,
-    start): every epoch is new data, reruns and resumed runs draw the same, ranks draw different rows.
+    """One rank's new rows of one epoch, drawn on `device` batch by batch and never stored; the batch
+    at [start, stop) is a function of (seed, epoch, rank, start), so a rerun or a resume draws the same.
     """
 
     def __init__(self, rows: int, features: int, key: tuple, device: torch.device, dtype: torch.dtype):
@@ -163,41 +153,34 @@ class SumSignDataModule(pl.LightningDataModule):
     def setup(self, stage: str) -> None:
         if self.val_set is not None:  # the tuners and fit each call setup(): draw the data once
             return
-        hp, device = self.hparams, self.trainer.strategy.root_device
-        # On a GPU the data lives in device memory (0.9 GB at the defaults): a batch is one gather
-        # there. Fresh training data is drawn batch by batch where training runs, and not stored.
+        hp, device = self.hparams, self.trainer.strategy.root_device  # the data lives where training runs
         self.val_set = SumSignDataset(hp.val_samples, hp.features, hp.seed, "val").to(device, self.dtype)
         if hp.fixed_data:
             self.train_set = SumSignDataset(hp.train_samples, hp.features, hp.seed, "train").to(device, self.dtype)
 
     def _shard(self, order: torch.Tensor) -> torch.Tensor:
-        # As DistributedSampler does: pad to a multiple of the world size by repeating rows, take
-        # every world_size-th row. Every rank gets as many batches, so none waits for another.
+        # As DistributedSampler does: pad by repeating rows, so every rank gets as many batches.
         world, rank = self.trainer.world_size, self.trainer.global_rank
         per_rank = -(-len(order) // world)
         return order.repeat(-(-per_rank * world // len(order)))[: per_rank * world][rank::world]
 
     @property
     def dtype(self) -> torch.dtype:
-        # Batches come in the type the first matmul runs in: the values are exact in each, and a
-        # float32 batch at the defaults (43 MB) costs more to allocate than to fill.
+        # Batches come in the type the first matmul runs in, in which the values are exact.
         return {"bf16": torch.bfloat16, "16": torch.float16}.get(self.trainer.precision.split("-")[0], torch.float32)
 
     def _loader(self, rows: Dataset) -> DataLoader:
-        # The sampler hands out slices, one per batch, and the dataset answers each with a whole
-        # batch (batch_size=None): no per-sample Python work, no collation, no index list to copy.
+        # One slice per batch, answered with a whole batch: no per-sample work, no collation.
         batches = [slice(start, start + self.batch_size) for start in range(0, len(rows), self.batch_size)]
         return DataLoader(rows, sampler=batches, batch_size=None)
 
     def train_dataloader(self) -> DataLoader:
-        # Called at the start of every epoch (reload_dataloaders_every_n_epochs=1): the order, or
-        # the fresh rows, of epoch e are a function of (seed, e), so a resumed run sees the same.
+        # Called every epoch (reload_dataloaders_every_n_epochs=1): epoch e's rows are a function of (seed, e).
         hp, epoch, device = self.hparams, self.trainer.current_epoch, self.trainer.strategy.root_device
         if not hp.fixed_data:
             rows = -(-hp.train_samples // self.trainer.world_size)  # per rank, as _shard pads
             key = (hp.seed, "train", epoch, self.trainer.global_rank)
             return self._loader(FreshRows(rows, hp.features, key, device, self.dtype))
-        # The permutation is drawn on the data's device: no index list crosses from the host.
         generator = random_stream(device, hp.seed, "order", epoch)
         order = torch.randperm(hp.train_samples, generator=generator, device=device)
         return self._loader(EpochRows(self.train_set, self._shard(order)))
@@ -214,8 +197,7 @@ class SumSignModel(pl.LightningModule):
     def __init__(self, features: int = 21000, hidden: int = 2048, lr: float = 1e-6, batch_size: int = 512,
                  lr_decay_epochs: float = 2.0):
         super().__init__()
-        # The tuners write the found batch_size and lr into self.hparams, so checkpoints keep them.
-        # logger=False: main() logs the tuned values itself; Lightning would log the initial ones.
+        # The tuners write batch_size and lr here, so checkpoints keep them; main() logs the tuned values.
         self.save_hyperparameters(logger=False)
         self.hidden = nn.Linear(features, hidden)
         self.out = nn.Linear(hidden, 1)  # no activation between: both layers are linear, as the article
@@ -232,16 +214,13 @@ class SumSignModel(pl.LightningModule):
     def _logits_and_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch
         logits = self.logits(x)
-        # From logits: stable where sigmoid would round to 0 or 1 and BCE would take log(0).
         return logits, F.binary_cross_entropy_with_logits(logits, y.to(logits.dtype))
 
     def training_step(self, batch, batch_idx):
         _, loss = self._logits_and_loss(batch)
         self.train_loss_epoch.update(loss.detach().expand(len(batch[1])))  # one value a row: weighted by rows
-        # A self.log costs more than a small step: log on the steps the logger writes, not every step.
+        # Logged only on the steps the logger writes; on a GPU the bar shows the epoch mean (no sync a step).
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
-            # The bar turns its values into numbers after every batch, a host sync on a GPU: there it
-            # shows the epoch's mean loss instead.
             self.log("train_loss", loss, prog_bar=self.device.type == "cpu")
         return loss
 
@@ -252,10 +231,8 @@ class SumSignModel(pl.LightningModule):
         self.log("val_acc", self.val_acc, prog_bar=True)
 
     def configure_optimizers(self):
-        # fused: one kernel for the whole update instead of a few per tensor (measured in bench/).
         optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, fused=True)
-        # lr / (1 + epochs / N), a little lower after every step: the LR finder's rate learns fast,
-        # and its shrinking steps leave less and less noise in the weights (docs/design.md).
+        # lr / (1 + epochs / N), lowered every step: fast at first, ever less noise later (docs/design.md).
         steps = self.hparams.lr_decay_epochs * self.trainer.estimated_stepping_batches / self.trainer.max_epochs
         decay = LambdaLR(optimizer, lambda step: 1 / (1 + step / steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
@@ -264,20 +241,15 @@ class SumSignModel(pl.LightningModule):
         self.log("train_loss_epoch", self.train_loss_epoch, prog_bar=self.device.type != "cpu")
 
     def on_save_checkpoint(self, checkpoint):
-        # Lightning calls no callback for a weights-only checkpoint (the best one): this hook puts
-        # the averaged weights, the ones validated, in it.
+        # Lightning calls no callback for a weights-only checkpoint: put the validated, averaged weights in.
         averaging = [c for c in self.trainer.callbacks if isinstance(c, IterateAveraging)]
         if averaging and "optimizer_states" not in checkpoint:
             checkpoint["state_dict"] = averaging[0].averaged_state_dict()
 
 
 class IterateAveraging(WeightAveraging):
-    """Validate, checkpoint and return an average of the recent weights, not the last step's.
-
-    Lightning's WeightAveraging with polynomial-decay averaging (Shamir & Zhang 2013): step t moves
-    the average (gamma + 1) / (t + gamma) of the way to the weights, so it spans about the last
-    1 / (gamma + 1) of training and keeps improving as training goes on (an EMA's fixed window
-    stops), and it averages away the noise each step leaves in the weights.
+    """Validate, checkpoint and keep a polynomial-decay average of the weights (Shamir & Zhang 2013):
+    step t moves it (gamma + 1) / (t + gamma) of the way, so it spans the last 1 / (gamma + 1) of training.
     """
 
     def __init__(self, gamma: float = AVERAGING_GAMMA):
@@ -292,13 +264,230 @@ class IterateAveraging(WeightAveraging):
         return self._average_model.module.state_dict()
 
 
-class TrainThroughput(Callback):
-    """Training samples per second, from the wall time of training batches alone.
+# ---------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    t_start = time.perf_counter()
+    args = parse_args(argv)
+    stop = StopOnSignal(argv)
+    try:
+        pl.seed_everything(args.seed, verbose=False)
+        torch.set_float32_matmul_precision("high")  # TF32 on tensor cores, as Lightning advises
+        logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # milestones only on stdout
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")  # in-memory data needs none
 
-    A step's time runs from one batch's end to the next one's, so it holds fetching the batch
-    too. The first batch of each epoch is left out (it starts the loader), and validation and
-    tuning are never counted: the steady-state figure that bench/compare.py measures. (Lightning's
-    ThroughputMonitor synchronises the GPU after every batch, which would stall a GPU run.)
+        datamodule = SumSignDataModule(args.train_samples, args.val_samples, args.features, args.seed,
+                                       args.batch_size, args.fixed_data)
+        model = SumSignModel(args.features, args.hidden, args.lr, args.batch_size, args.lr_decay_epochs)
+        logger = make_logger(args)
+        # For predicting: weights only; no version counter, so a resume rewrites the same file.
+        best_checkpoint = RunCheckpoint(monitor="val_acc", mode="max", filename="best-{epoch}",
+                                        save_weights_only=True, enable_version_counter=False)
+        # For --resume: every completed epoch (save_last=True writes only in epochs that improve).
+        last_checkpoint = RunCheckpoint(filename="last", enable_version_counter=False)
+        # Accuracy, not the loss: on fresh rows val_loss creeps down long after val_acc stops rising.
+        early_stopping = ResumableEarlyStopping(monitor="val_acc", mode="max", patience=args.patience)
+        divergence = EarlyStopping(monitor="val_loss", patience=math.inf, check_finite=True)  # NaN or inf only
+        tuned = TunedValues(None)
+        trainer = make_trainer(
+            args, devices=args.devices, num_nodes=args.num_nodes, max_epochs=args.max_epochs,
+            max_time=args.max_time, logger=logger,
+            callbacks=[best_checkpoint, last_checkpoint, early_stopping, divergence, BestEpoch(best_checkpoint),
+                       TrainThroughput(), tuned, stop, LearningRateMonitor(logging_interval="epoch"),
+                       IterateAveraging()],
+            fast_dev_run=args.fast_dev_run, default_root_dir=args.logdir,
+        )
+        stop.watch(trainer, last_checkpoint)
+        say(f"precision: {args.precision} ({args.precision_reason})")
+
+        t_tune = time.perf_counter()
+        if args.resume:
+            tuned.values = {k: args.resume_hparams[k] for k in ("batch_size", "lr")}
+        elif args.fast_dev_run:
+            tuned.values = {"batch_size": args.batch_size, "lr": args.lr}
+        elif trainer.is_global_zero:  # once per job; the other ranks get the values in fit()
+            tuned.values = tune(args, model, datamodule, logger, trainer.world_size, stop)
+            log_hyperparameters(logger, args, model)
+
+        t_fit = time.perf_counter()
+        stop.phase = "training"
+        trainer.fit(model, datamodule=datamodule, ckpt_path=args.resume)
+        stop.phase = "the report"
+        stop.training_done()
+        if args.fast_dev_run:
+            return 0
+        return report(args, trainer, timings(t_start, t_tune, t_fit))
+    except BaseException as error:  # after a signal, whatever ended the run is its consequence
+        if stop.signum is not None and stop.phase == "training" and not args.fast_dev_run:
+            report(args, trainer, timings(t_start, t_tune, t_fit), interrupted_by=stop.signum)
+        return stop.interrupted(error)
+    finally:
+        stop.restore()
+
+
+def make_trainer(args, **kwargs) -> pl.Trainer:
+    plugins = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():  # no auto-requeue: it would resume from its own hpc_ckpt, unchecked
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return pl.Trainer(
+        accelerator=args.accelerator, precision=args.precision, deterministic=args.deterministic or None,
+        use_distributed_sampler=False,  # SumSignDataModule shards the data itself
+        reload_dataloaders_every_n_epochs=1,  # train_dataloader() makes each epoch's order or fresh rows
+        enable_model_summary=False, plugins=plugins, **kwargs,
+    )
+
+
+def make_logger(args) -> TensorBoardLogger:
+    if args.resume:  # log on in the resumed run's own folder, so its curves continue
+        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.resume)))
+        return TensorBoardLogger(os.path.dirname(run_dir), name="", version=os.path.basename(run_dir),
+                                 default_hp_metric=False)
+    return TensorBoardLogger(args.logdir, name="", default_hp_metric=False)
+
+
+def tune(args, model, datamodule, logger, world_size: int, stop: "StopOnSignal") -> dict:
+    """Batch-size scaling, then the LR finder, with a Trainer of their own on one device; the values found.
+
+    Their temporary checkpoints go to a scratch folder that is removed however tuning ends.
+    """
+    os.makedirs(args.logdir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=args.logdir, prefix=".tuning-") as scratch:
+        tuner = Tuner(make_trainer(args, devices=1, num_nodes=1, max_epochs=-1, logger=False,
+                                   enable_checkpointing=False, default_root_dir=scratch))
+        if not args.no_scale_batch_size:
+            stop.phase = "batch-size scaling"
+            bound = scale_batch_size(tuner, model, datamodule, args, logger, world_size)
+            say(f"batch size: {model.hparams.batch_size} per device (scaling stopped at: {bound})")
+        if not args.no_lr_find:
+            stop.phase = "the LR finder"
+            find_lr(tuner, model, datamodule, args, logger)
+            say(f"learning rate: {model.hparams.lr:.3g}")
+    return {"batch_size": model.hparams.batch_size, "lr": model.hparams.lr}
+
+
+def scale_batch_size(tuner: Tuner, model, datamodule, args, logger, world_size: int) -> str:
+    """Lightning's power search, bounded by --min-steps-per-epoch and, on CPU (which never runs out of
+    memory), by RAM; returns what bounded it."""
+    samples_per_device = args.train_samples // world_size
+    steps_bound = max(1, samples_per_device // args.min_steps_per_epoch)
+    bounds = {f"--min-steps-per-epoch {args.min_steps_per_epoch}": steps_bound}
+    if args.accelerator == "cpu":
+        # A row's int8 and float32 copies, its hidden activation and gradient; doubled for slack.
+        per_sample = 2 * (5 * args.features + 8 * args.hidden)
+        bounds["available RAM"] = max(1, int(available_memory_bytes() * MEMORY_FRACTION) // per_sample)
+    reason, cap = min(bounds.items(), key=lambda item: item[1])
+    start = min(args.batch_size, cap)
+    # max_trials, not max_val, ends the search: Lightning returns max_val untried (docs/design.md).
+    doublings = int(math.log2(cap / start))
+    max_val = start * 2**doublings
+    # Lightning makes the first trial's loader before it sets init_val: set it here.
+    model.hparams.batch_size = datamodule.batch_size = start
+    found = tuner.scale_batch_size(model, datamodule=datamodule, mode="power", init_val=start,
+                                   max_trials=doublings + 1, max_val=2 * max_val)
+    reason = reason if found >= max_val else "largest size that ran"
+    rows = [f"| {name} | {size} |" for name, size in bounds.items()]
+    logger.experiment.add_text("batch_size_search", "\n".join(
+        ["| bound | largest batch it allows |", "| --- | --- |", *rows,
+         f"| **chosen** (searched {start} to {max_val} by doubling) | **{found}**, stopped by: {reason} |"]))
+    return reason
+
+
+def find_lr(tuner: Tuner, model, datamodule, args, logger) -> None:
+    finder = tuner.lr_find(model, datamodule=datamodule, num_training=args.lr_find_steps)
+    if finder is None or finder.suggestion() is None:
+        say(f"LR finder could not suggest a learning rate; keeping --lr {args.lr:g}")
+        model.hparams.lr = args.lr
+        return
+    figure = finder.plot(suggest=True)
+    os.makedirs(logger.log_dir, exist_ok=True)
+    figure.savefig(os.path.join(logger.log_dir, "lr_finder.png"))
+    logger.experiment.add_figure("lr_finder", figure)
+
+
+def log_hyperparameters(logger: TensorBoardLogger, args, model: SumSignModel) -> None:
+    """Every flag and the tuned values; the best metrics are filled in at the end (HPARAMS tab)."""
+    flags = {k: str(v) if isinstance(v, timedelta) else v for k, v in vars(args).items()
+             if k not in ("resume_hparams", "lr", "batch_size")}
+    logger.log_hyperparams(dict(flags, **model.hparams),
+                           metrics={"best_val_loss": float("nan"), "best_val_acc": float("nan")})
+
+
+# --- Callbacks the run needs beyond Lightning's own (why each: docs/design.md) ---------------
+class TunedValues(Callback):
+    """Brings rank 0's tuned batch size and lr to every rank in setup(), once the process group is up
+    (tuning ran before it, so the tuners wait on no rank); keeps the precision in checkpoints.
+    """
+
+    def __init__(self, values: dict | None):
+        self.values = values
+
+    def setup(self, trainer, pl_module, stage):
+        self.values = trainer.strategy.broadcast(self.values)
+        pl_module.hparams.update(self.values)
+        trainer.datamodule.batch_size = self.values["batch_size"]
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        checkpoint["precision"] = trainer.precision  # --resume refuses another
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """A ModelCheckpoint that keeps its best score on --resume however the run folder's path is spelled."""
+
+    def load_state_dict(self, state_dict):
+        def here(path):
+            return path and os.path.join(self.dirpath, os.path.basename(path))
+
+        super().load_state_dict({
+            **state_dict, "dirpath": self.dirpath, "best_model_path": here(state_dict["best_model_path"]),
+            "kth_best_model_path": here(state_dict["kth_best_model_path"]),
+            "last_model_path": here(state_dict["last_model_path"]),
+            "best_k_models": {here(path): score for path, score in state_dict["best_k_models"].items()}})
+
+
+class ResumableEarlyStopping(EarlyStopping):
+    """EarlyStopping whose run, once stopped, stays stopped when resumed (Lightning trains one more epoch)."""
+
+    def on_train_start(self, trainer, pl_module):
+        trainer.should_stop = self.stopping_reason != EarlyStoppingReason.NOT_STOPPED
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint beside its name, then renames it: a kill at any moment leaves the last whole one."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(checkpoint, f"{path}.partial")
+        os.replace(f"{path}.partial", path)
+
+
+class BestEpoch(Callback):
+    """val_loss of the epoch the best checkpoint holds (ModelCheckpoint keeps only its val_acc, and saves
+    after this hook), and both best metrics in TensorBoard.
+    """
+
+    def __init__(self, checkpoint: ModelCheckpoint):
+        self.checkpoint, self.val_loss = checkpoint, None
+
+    def on_validation_end(self, trainer, pl_module):
+        best, metrics = self.checkpoint.best_model_score, trainer.callback_metrics  # averaged over ranks
+        if not trainer.sanity_checking and (best is None or metrics["val_acc"] > best):
+            self.val_loss = metrics["val_loss"].item()
+
+    def on_train_end(self, trainer, pl_module):  # before Lightning's teardown closes the event file
+        if self.checkpoint.best_model_score is not None and self.val_loss is not None:
+            trainer.logger.log_metrics({"best_val_loss": self.val_loss,
+                                        "best_val_acc": self.checkpoint.best_model_score.item()}, trainer.global_step)
+
+    def state_dict(self):
+        return {"val_loss": self.val_loss}
+
+    def load_state_dict(self, state_dict):
+        self.val_loss = state_dict["val_loss"]
+
+
+class TrainThroughput(Callback):
+    """Training samples per second from batch end to batch end, the first batch of each epoch left out
+    (Lightning's ThroughputMonitor synchronises the GPU after every batch).
     """
 
     def __init__(self):
@@ -322,178 +511,11 @@ class TrainThroughput(Callback):
     @property
     def samples_per_second(self) -> float | None:
         """Median over steps: one slow step (a checkpoint write, a noisy neighbour) does not move it."""
-        rates = sorted(n / s for n, s in zip(self.step_samples, self.step_seconds))
-        return rates[len(rates) // 2] if rates else None
+        rates = [n / s for n, s in zip(self.step_samples, self.step_seconds)]
+        return statistics.median(rates) if rates else None
 
 
-class BestEpoch(Callback):
-    """val_loss of the epoch the best checkpoint holds, and both best metrics in TensorBoard.
-
-    ModelCheckpoint keeps the best val_acc (best_model_score) but no other metric of that epoch.
-    It saves after this callback's hook (Lightning runs checkpoint callbacks last), so an epoch
-    whose val_acc beats best_model_score here is the one it is about to keep.
-    """
-
-    def __init__(self, checkpoint: ModelCheckpoint):
-        self.checkpoint, self.val_loss = checkpoint, None
-
-    def on_validation_end(self, trainer, pl_module):
-        best, metrics = self.checkpoint.best_model_score, trainer.callback_metrics  # averaged over ranks
-        if not trainer.sanity_checking and (best is None or metrics["val_acc"] > best):
-            self.val_loss = metrics["val_loss"].item()
-
-    def on_train_end(self, trainer, pl_module):  # before Lightning's teardown closes the event file
-        if self.checkpoint.best_model_score is not None and self.val_loss is not None:
-            trainer.logger.log_metrics({"best_val_loss": self.val_loss,
-                                        "best_val_acc": self.checkpoint.best_model_score.item()}, trainer.global_step)
-
-    def state_dict(self):
-        return {"val_loss": self.val_loss}
-
-    def load_state_dict(self, state_dict):
-        self.val_loss = state_dict["val_loss"]
-
-
-class TunedValues(Callback):
-    """Brings rank 0's tuned batch size and lr to every rank; keeps the precision in checkpoints.
-
-    Rank 0 tunes before fit(), with no process group yet, so nothing in the tuners can wait on
-    another rank (a torchmetrics sync inside the LR finder deadlocked torchrun jobs). setup() runs
-    once the group is up, whoever started the ranks, and before the dataloaders and optimizer.
-    """
-
-    def __init__(self, values: dict | None):
-        self.values = values
-
-    def setup(self, trainer, pl_module, stage):
-        self.values = trainer.strategy.broadcast(self.values)
-        pl_module.hparams.update(self.values)
-        trainer.datamodule.batch_size = self.values["batch_size"]
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-        checkpoint["precision"] = trainer.precision  # --resume refuses another
-
-
-class RunCheckpoint(ModelCheckpoint):
-    """A ModelCheckpoint that finds its files again on --resume, however the run folder is named.
-
-    Lightning forgets the best score and the kept files when the folder's path differs from the
-    one in the checkpoint (relative then absolute, or moved), and the next epoch becomes "best".
-    """
-
-    def load_state_dict(self, state_dict):
-        def here(path):
-            return path and os.path.join(self.dirpath, os.path.basename(path))
-
-        super().load_state_dict({
-            **state_dict, "dirpath": self.dirpath, "best_model_path": here(state_dict["best_model_path"]),
-            "kth_best_model_path": here(state_dict["kth_best_model_path"]),
-            "last_model_path": here(state_dict["last_model_path"]),
-            "best_k_models": {here(path): score for path, score in state_dict["best_k_models"].items()}})
-
-
-class ResumableEarlyStopping(EarlyStopping):
-    """EarlyStopping whose run, once stopped, stays stopped when resumed (Lightning trains one more epoch)."""
-
-    def on_train_start(self, trainer, pl_module):
-        trainer.should_stop = self.stopping_reason != EarlyStoppingReason.NOT_STOPPED
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint beside its name, then renames it: a kill at any moment leaves the last whole one.
-
-    Lightning writes through a temporary file in the system's temp folder; where that is another
-    file system (a tmpfs /tmp), its final move is a copy, and a kill during it truncates last.ckpt.
-    """
-
-    def save_checkpoint(self, checkpoint, path, storage_options=None):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save(checkpoint, f"{path}.partial")
-        os.replace(f"{path}.partial", path)
-
-
-class StopOnSignal(Callback):
-    """Ctrl-C (SIGINT) and SIGTERM end the run cleanly at any moment: one line on what stopped and
-    what can be resumed, exit status 128 + signal.
-
-    Before training, rank 0 turns the signal into a KeyboardInterrupt at once, and Lightning shuts
-    the tuners or the fit down gracefully. Other ranks keep the default action (end at once) until
-    then: they wait in the rendezvous, for minutes while rank 0 tunes, inside C++ where no Python
-    handler runs. During training every rank notes the signal, and all stop together at the end
-    of the next step. This replaces Lightning's SIGTERM handler, which broadcasts from inside the
-    handler, at a different point of the step on each rank (a rank crashed in its gradient
-    all-reduce in this project's tests), and whose validation loop stops a signalled rank alone.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, argv: list[str]):
-        self.argv, self.signum, self.training, self.last_checkpoint, self.phase = argv, None, False, None, "setup"
-        self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
-
-    def watch(self, trainer: pl.Trainer, last_checkpoint: ModelCheckpoint) -> None:
-        self.last_checkpoint = last_checkpoint
-        # Asked before fit(): Lightning's own launcher makes this true once it has started the ranks.
-        environment = getattr(trainer.strategy, "cluster_environment", None)
-        self.launcher = ("the same torchrun or srun command, with train.py"
-                         if environment is not None and environment.creates_processes_externally
-                         else f"python {shlex.quote(os.path.relpath(__file__))}")
-        if not trainer.is_global_zero:
-            for sig in self.SIGNALS:
-                signal.signal(sig, signal.SIG_DFL)
-
-    def handle(self, signum, frame):
-        if self.signum is not None:  # a second signal that reached Python: end now
-            say(self.line())
-            os._exit(128 + self.signum)
-        self.signum = signum
-        for sig in self.SIGNALS:  # a second one ends the process at once, even inside a long kernel
-            signal.signal(sig, signal.SIG_DFL)
-        if not self.training:
-            raise KeyboardInterrupt
-
-    def _take_over(self, trainer, pl_module):  # Lightning has just installed its SIGTERM handler
-        self.training = True
-        for sig in self.SIGNALS:
-            signal.signal(sig, self.handle)
-
-    on_sanity_check_start = on_train_start = _take_over
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, *args):
-        signum = self.signum or 0
-        if trainer.world_size > 1:  # one all-reduce a step; Lightning already syncs each DDP step
-            signum = int(trainer.strategy.reduce(torch.tensor(signum, device=pl_module.device), reduce_op="max"))
-        if signum:
-            self.signum = signum
-            raise KeyboardInterrupt  # on every rank at this same step: Lightning shuts down gracefully
-
-    on_validation_batch_end = on_train_batch_end  # validation too: the last one ends no training step
-
-    def training_done(self) -> None:
-        """After fit(): a signal that came after the last step stops the run now, as one later would."""
-        self.training = False
-        if self.signum is not None:
-            raise KeyboardInterrupt
-
-    def line(self) -> str:
-        last = self.last_checkpoint and saved_path(self.last_checkpoint)
-        then = f"resume with: {self.launcher} {resume_arguments(self.argv, last)}" if last else (
-            "no epoch had completed, so there is nothing to resume: run the same command to start over")
-        return f"\ninterrupted by {signal.Signals(self.signum).name} during {self.phase}; {then}"
-
-    def interrupted(self, error: BaseException) -> int:
-        """After a signal, say what stopped and return 128 + signal; re-raise any other error."""
-        if self.signum is None:
-            raise error
-        say(self.line())
-        return 128 + self.signum
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-# ---------------------------------------------------------------------------------------------
+# --- Argument checks: one line and exit status 2 for anything a user can get wrong ------------
 class OneLineParser(argparse.ArgumentParser):
     """argparse prints its usage block before an error; a user needs only the error, in one line."""
 
@@ -597,7 +619,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="continue the run that wrote this checkpoint (its last.ckpt), in its folder, "
                             "with its tuned batch size and lr (tuning is skipped); the flags that define "
                             f"the run ({', '.join('--' + flag.replace('_', '-') for flag in RUN_DEFINING_FLAGS)}) "
-                            "must match it; --max-epochs and the hardware flags may change")
+                            "must match it; --max-epochs, --max-time and the hardware flags may change")
     train.add_argument("--fast-dev-run", action="store_true",
                        help="one training and one validation batch, no tuning, no files: a smoke test")
     args = p.parse_args(argv)
@@ -682,11 +704,6 @@ def auto_precision(accelerator: str, flags: set[str]) -> tuple[str, str]:
     return "32-true", "auto: no native bf16 matmul on this device"
 
 
-@rank_zero_only
-def say(message: str) -> None:
-    print(message, flush=True)
-
-
 def available_memory_bytes() -> int:
     try:
         with open("/proc/meminfo") as meminfo:
@@ -696,117 +713,79 @@ def available_memory_bytes() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
 
-def scale_batch_size(tuner: Tuner, model, datamodule, args, logger, world_size: int) -> str:
-    """Lightning's power search, bounded by the data and, on CPU, by RAM; returns what bounded it.
-
-    Lightning doubles the batch until an out-of-memory error, which a CPU never raises, or until
-    max_val. Two bounds make the search worth its cost: an epoch keeps at least
-    --min-steps-per-epoch optimizer steps (on the CPU a step's time grows in proportion to the
-    batch, so a larger batch buys no throughput, only fewer updates per epoch), and on CPU a batch
-    never takes more than MEMORY_FRACTION of the RAM available.
+# --- Signals: Ctrl-C and SIGTERM stop every rank at the same step, with the command to resume -
+class StopOnSignal(Callback):
+    """Ctrl-C (SIGINT) and SIGTERM end the run cleanly at any moment: one line on what stopped and what
+    can be resumed, exit status 128 + signal. Before training, rank 0 raises KeyboardInterrupt at once
+    (other ranks, waiting in C++, keep the default action); in training every rank stops at the end of
+    the same step. Replaces Lightning's SIGTERM handler (docs/design.md).
     """
-    samples_per_device = args.train_samples // world_size
-    steps_bound = max(1, samples_per_device // args.min_steps_per_epoch)
-    bounds = {f"--min-steps-per-epoch {args.min_steps_per_epoch}": steps_bound}
-    if args.accelerator == "cpu":
-        # A sample's share of a step beyond the model: its int8 row and float32 copy, the hidden
-        # activation and its gradient; doubled for the allocator's slack.
-        per_sample = 2 * (5 * args.features + 8 * args.hidden)
-        bounds["available RAM"] = max(1, int(available_memory_bytes() * MEMORY_FRACTION) // per_sample)
-    reason, cap = min(bounds.items(), key=lambda item: item[1])
-    start = min(args.batch_size, cap)
-    # Lightning's power mode returns max_val untried once a doubling reaches it, but after max_trials
-    # it returns the last size that ran: the trials are the doublings from `start` up to the bound.
-    doublings = int(math.log2(cap / start))
-    max_val = start * 2**doublings
-    # Lightning makes the first trial's loader before it sets init_val: set it here, so that trial runs it.
-    model.hparams.batch_size = datamodule.batch_size = start
-    found = tuner.scale_batch_size(model, datamodule=datamodule, mode="power", init_val=start,
-                                   max_trials=doublings + 1, max_val=2 * max_val)
-    reason = reason if found >= max_val else "largest size that ran"
-    rows = [f"| {name} | {size} |" for name, size in bounds.items()]
-    logger.experiment.add_text("batch_size_search", "\n".join(
-        ["| bound | largest batch it allows |", "| --- | --- |", *rows,
-         f"| **chosen** (searched {start} to {max_val} by doubling) | **{found}**, stopped by: {reason} |"]))
-    return reason
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-def find_lr(tuner: Tuner, model, datamodule, args, logger) -> None:
-    finder = tuner.lr_find(model, datamodule=datamodule, num_training=args.lr_find_steps)
-    if finder is None or finder.suggestion() is None:
-        say(f"LR finder could not suggest a learning rate; keeping --lr {args.lr:g}")
-        model.hparams.lr = args.lr
-        return
-    figure = finder.plot(suggest=True)
-    os.makedirs(logger.log_dir, exist_ok=True)
-    figure.savefig(os.path.join(logger.log_dir, "lr_finder.png"))
-    logger.experiment.add_figure("lr_finder", figure)
+    def __init__(self, argv: list[str]):
+        self.argv, self.signum, self.training, self.last_checkpoint, self.phase = argv, None, False, None, "setup"
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
 
+    def watch(self, trainer: pl.Trainer, last_checkpoint: ModelCheckpoint) -> None:
+        self.last_checkpoint = last_checkpoint
+        environment = getattr(trainer.strategy, "cluster_environment", None)
+        self.launcher = ("the same torchrun or srun command, with train.py"
+                         if environment is not None and environment.creates_processes_externally
+                         else f"python {shlex.quote(os.path.relpath(__file__))}")
+        if not trainer.is_global_zero:
+            for sig in self.SIGNALS:
+                signal.signal(sig, signal.SIG_DFL)
 
-def tune(args, model, datamodule, logger, world_size: int, stop: StopOnSignal) -> dict:
-    """Batch-size scaling, then the LR finder, on one device; the values they found.
+    def handle(self, signum, frame):
+        if self.signum is not None:  # a second signal that reached Python: end now
+            say(self.line())
+            os._exit(128 + self.signum)
+        self.signum = signum
+        for sig in self.SIGNALS:  # a second one ends the process at once, even inside a long kernel
+            signal.signal(sig, signal.SIG_DFL)
+        if not self.training:
+            raise KeyboardInterrupt
 
-    Lightning's batch-size finder refuses distributed strategies, and the tuners must not touch
-    the run's logger or callbacks: they get a Trainer of their own, on one device. Lightning
-    deletes their temporary checkpoints in `finally` blocks, but writes them before entering
-    those; a scratch folder that this `with` removes leaves nothing behind whenever they stop.
-    """
-    os.makedirs(args.logdir, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=args.logdir, prefix=".tuning-") as scratch:
-        # max_epochs=-1: the tuners bound themselves in steps
-        tuner = Tuner(make_trainer(args, devices=1, num_nodes=1, max_epochs=-1, logger=False,
-                                   enable_checkpointing=False, default_root_dir=scratch))
-        if not args.no_scale_batch_size:
-            stop.phase = "batch-size scaling"
-            bound = scale_batch_size(tuner, model, datamodule, args, logger, world_size)
-            say(f"batch size: {model.hparams.batch_size} per device (scaling stopped at: {bound})")
-        if not args.no_lr_find:
-            stop.phase = "the LR finder"
-            find_lr(tuner, model, datamodule, args, logger)
-            say(f"learning rate: {model.hparams.lr:.3g}")
-    return {"batch_size": model.hparams.batch_size, "lr": model.hparams.lr}
+    def _take_over(self, trainer, pl_module):  # Lightning has just installed its SIGTERM handler
+        self.training = True
+        for sig in self.SIGNALS:
+            signal.signal(sig, self.handle)
 
+    on_sanity_check_start = on_train_start = _take_over
 
-def peak_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, *args):
+        signum = self.signum or 0
+        if trainer.world_size > 1:  # one all-reduce a step; Lightning already syncs each DDP step
+            signum = int(trainer.strategy.reduce(torch.tensor(signum, device=pl_module.device), reduce_op="max"))
+        if signum:
+            self.signum = signum
+            raise KeyboardInterrupt  # on every rank at this same step: Lightning shuts down gracefully
 
+    on_validation_batch_end = on_train_batch_end  # validation too: the last one ends no training step
 
-def saved_path(checkpoint: ModelCheckpoint) -> str:
-    """Absolute path of the file a ModelCheckpoint last kept, or "" if it has kept none."""
-    return checkpoint.best_model_path and os.path.abspath(checkpoint.best_model_path)
+    def training_done(self) -> None:
+        """After fit(): a signal that came after the last step stops the run now, as one later would."""
+        self.training = False
+        if self.signum is not None:
+            raise KeyboardInterrupt
 
+    def line(self) -> str:
+        last = self.last_checkpoint and saved_path(self.last_checkpoint)
+        then = f"resume with: {self.launcher} {resume_arguments(self.argv, last)}" if last else (
+            "no epoch had completed, so there is nothing to resume: run the same command to start over")
+        return f"\ninterrupted by {signal.Signals(self.signum).name} during {self.phase}; {then}"
 
-def finite_or_none(value):
-    return value if value is None or math.isfinite(value) else None
+    def interrupted(self, error: BaseException) -> int:
+        """After a signal, say what stopped and return 128 + signal; re-raise any other error."""
+        if self.signum is None:
+            raise error
+        say(self.line())
+        return 128 + self.signum
 
-
-def make_trainer(args, **kwargs) -> pl.Trainer:
-    plugins = [AtomicCheckpointIO()]
-    if SLURMEnvironment.detect():  # no auto-requeue: it would resume from its own hpc_ckpt, unchecked
-        plugins.append(SLURMEnvironment(auto_requeue=False))
-    return pl.Trainer(
-        accelerator=args.accelerator, precision=args.precision, deterministic=args.deterministic or None,
-        use_distributed_sampler=False,  # SumSignDataModule shards the data itself
-        reload_dataloaders_every_n_epochs=1,  # train_dataloader() makes each epoch's order or fresh rows
-        enable_model_summary=False, plugins=plugins, **kwargs,
-    )
-
-
-def make_logger(args) -> TensorBoardLogger:
-    if args.resume:  # log on in the resumed run's own folder, so its curves continue
-        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.resume)))
-        return TensorBoardLogger(os.path.dirname(run_dir), name="", version=os.path.basename(run_dir),
-                                 default_hp_metric=False)
-    return TensorBoardLogger(args.logdir, name="", default_hp_metric=False)
-
-
-def log_hyperparameters(logger: TensorBoardLogger, args, model: SumSignModel) -> None:
-    """Every flag and the tuned values; the best metrics are filled in at the end (HPARAMS tab)."""
-    flags = {k: str(v) if isinstance(v, timedelta) else v for k, v in vars(args).items()
-             if k not in ("resume_hparams", "lr", "batch_size")}
-    logger.log_hyperparams(dict(flags, **model.hparams),
-                           metrics={"best_val_loss": float("nan"), "best_val_acc": float("nan")})
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def resume_arguments(argv: list[str], last_ckpt: str) -> str:
@@ -815,70 +794,7 @@ def resume_arguments(argv: list[str], last_ckpt: str) -> str:
     return shlex.join([*kept, "--resume", last_ckpt])
 
 
-# ---------------------------------------------------------------------------------------------
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    t_start = time.perf_counter()
-    args = parse_args(argv)
-    stop = StopOnSignal(argv)
-    try:
-        pl.seed_everything(args.seed, verbose=False)
-        # Tensor cores run float32 matmuls as TF32 when allowed, as Lightning advises; no-op on CPU.
-        torch.set_float32_matmul_precision("high")
-        logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # milestones only on stdout
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")  # in-memory data needs none
-
-        datamodule = SumSignDataModule(args.train_samples, args.val_samples, args.features, args.seed,
-                                       args.batch_size, args.fixed_data)
-        model = SumSignModel(args.features, args.hidden, args.lr, args.batch_size, args.lr_decay_epochs)
-        logger = make_logger(args)
-        # The best checkpoint is for predicting: weights only, a third of a full one's size and time to write.
-        # No version counter: a run resumed after a kill -9 rewrites the same best-epoch=E.ckpt.
-        best_checkpoint = RunCheckpoint(monitor="val_acc", mode="max", filename="best-{epoch}",
-                                        save_weights_only=True, enable_version_counter=False)
-        # save_last=True would refresh last.ckpt only in epochs that improve val_acc; a second
-        # checkpoint without a monitor writes it after every completed epoch, as --resume needs.
-        last_checkpoint = RunCheckpoint(filename="last", enable_version_counter=False)
-        # Accuracy, not the loss: on fresh rows val_loss creeps down long after val_acc stops rising.
-        early_stopping = ResumableEarlyStopping(monitor="val_acc", mode="max", patience=args.patience)
-        divergence = EarlyStopping(monitor="val_loss", patience=math.inf, check_finite=True)  # NaN or inf only
-        tuned = TunedValues(None)
-        trainer = make_trainer(
-            args, devices=args.devices, num_nodes=args.num_nodes, max_epochs=args.max_epochs,
-            max_time=args.max_time, logger=logger,
-            callbacks=[best_checkpoint, last_checkpoint, early_stopping, divergence, BestEpoch(best_checkpoint),
-                       TrainThroughput(), tuned, stop, LearningRateMonitor(logging_interval="epoch"),
-                       IterateAveraging()],
-            fast_dev_run=args.fast_dev_run, default_root_dir=args.logdir,
-        )
-        stop.watch(trainer, last_checkpoint)
-        say(f"precision: {args.precision} ({args.precision_reason})")
-
-        t_tune = time.perf_counter()
-        if args.resume:
-            tuned.values = {k: args.resume_hparams[k] for k in ("batch_size", "lr")}
-        elif args.fast_dev_run:
-            tuned.values = {"batch_size": args.batch_size, "lr": args.lr}
-        elif trainer.is_global_zero:  # once per job; the other ranks get the values in fit()
-            tuned.values = tune(args, model, datamodule, logger, trainer.world_size, stop)
-            log_hyperparameters(logger, args, model)
-
-        t_fit = time.perf_counter()
-        stop.phase = "training"
-        trainer.fit(model, datamodule=datamodule, ckpt_path=args.resume)
-        stop.phase = "the report"
-        stop.training_done()
-        if args.fast_dev_run:
-            return 0
-        return report(args, trainer, timings(t_start, t_tune, t_fit))
-    except BaseException as error:  # after a signal, whatever ended the run is its consequence
-        if stop.signum is not None and stop.phase == "training" and not args.fast_dev_run:
-            report(args, trainer, timings(t_start, t_tune, t_fit), interrupted_by=stop.signum)
-        return stop.interrupted(error)
-    finally:
-        stop.restore()
-
-
+# --- The report: summary.json and the milestones, from rank 0 ---------------------------------
 def timings(t_start: float, t_tune: float, t_fit: float) -> dict:
     t_end = time.perf_counter()
     return dict(tune_seconds=t_fit - t_tune, fit_seconds=t_end - t_fit, total_seconds=t_end - t_start)
@@ -945,6 +861,25 @@ def report(args, trainer: pl.Trainer, seconds: dict, interrupted_by: int | None 
     say(f"done in {seconds['total_seconds']:.0f} s: {summary['epochs']} epochs, ended by {ended}; summary in "
         f"{os.path.join(run_dir, 'summary.json')}; look at it with: tensorboard --logdir={args.logdir}")
     return 0
+
+
+def saved_path(checkpoint: ModelCheckpoint) -> str:
+    """Absolute path of the file a ModelCheckpoint last kept, or "" if it has kept none."""
+    return checkpoint.best_model_path and os.path.abspath(checkpoint.best_model_path)
+
+
+def finite_or_none(value):
+    return value if value is None or math.isfinite(value) else None
+
+
+def peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
+
+
+@rank_zero_only
+def say(message: str) -> None:
+    print(message, flush=True)
 
 
 if __name__ == "__main__":

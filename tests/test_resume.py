@@ -317,4 +317,4 @@ def test_help_says_which_flags_may_change_on_resume():
     for flag in ("--features", "--hidden", "--seed", "--train-samples", "--val-samples", "--fixed-data",
                  "--precision", "--patience", "--lr-decay-epochs"):
         assert flag in resume_help.split("must match")[0]
-    assert "--max-epochs and the hardware flags may change" in resume_help
+    assert "--max-epochs, --max-time and the hardware flags may change" in resume_help
