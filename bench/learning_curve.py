@@ -87,6 +87,13 @@ def first_alpha(accuracy: float, alphas, accuracies):
     return next((a for a, acc in zip(alphas, accuracies) if acc >= accuracy), None)
 
 
+def limit_alpha(accuracy: float, alphas, accuracies) -> float:
+    """Where a theory curve crosses `accuracy`, interpolated between its points in log alpha."""
+    i = next(i for i, acc in enumerate(accuracies) if acc >= accuracy)
+    a0, a1, c0, c1 = alphas[i - 1], alphas[i], accuracies[i - 1], accuracies[i]
+    return math.exp(math.log(a0) + (accuracy - c0) / (c1 - c0) * (math.log(a1) - math.log(a0)))
+
+
 # --- the runs ---------------------------------------------------------------------------------------
 def run(argv: list[str]) -> tuple[dict, list[float]]:
     """train.main() in this process; the run's summary.json and its val_acc after each epoch."""
@@ -100,7 +107,7 @@ def run(argv: list[str]) -> tuple[dict, list[float]]:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--features", type=int, default=2100)
-    p.add_argument("--val-samples", type=int, default=5000, help="never-seen rows every point is measured on")
+    p.add_argument("--val-samples", type=int, default=10000, help="never-seen rows every point is measured on")
     p.add_argument("--fixed-spf", type=float, nargs="+", default=[1, 2, 4, 8, 16, 32],
                    help="training-set sizes of the --fixed-data runs, in rows per feature")
     p.add_argument("--max-epochs", type=int, default=300, help="bound on the default run's epochs (default: 300)")
@@ -125,10 +132,10 @@ def main():
     print("  val_acc  alpha: default  optimal online  ratio  Bayes batch")
     for target in TARGETS:
         ours = first_alpha(target, fresh_alpha, fresh_acc)
-        limit = first_alpha(target, theory_alpha, online)
+        limit = limit_alpha(target, theory_alpha, online)
         ratio = f"{ours / limit:5.2f}" if ours else "    -"
         print(f"  {target:7.2f}  {ours or float('nan'):14.1f}  {limit:14.1f}  {ratio}  "
-              f"{first_alpha(target, theory_alpha, bayes):11.1f}")
+              f"{limit_alpha(target, theory_alpha, bayes):11.1f}")
     print("fixed set, one run per size\n  distinct/feature  best val_acc  Bayes limit  epochs  seconds")
     for spf, (summary, acc), limit in zip(fixed, fixed.values(), bayes_batch(list(fixed))):
         print(f"  {spf:>16g}  {summary['best_val_acc']:>12.4f}  {limit:>11.4f}  {summary['epochs']:>6}  "

@@ -1,12 +1,14 @@
 """Bad input is refused where it enters: one line on stderr, exit status 2, nothing written."""
 
+import re
+import shlex
 import subprocess
 
 import pytest
 import torch
 
 import train
-from conftest import TINY, run_train
+from conftest import ROOT, TINY, run_train
 
 
 def assert_one_line_error(proc, *words):
@@ -111,3 +113,19 @@ def test_resume_from_missing_or_foreign_files(workdir, capsys):
     torch.save({"weights": torch.zeros(2)}, workdir / "plain.ckpt")
     assert_one_line_error(main_in_process(capsys, "--resume", "plain.ckpt"), "--resume", "not a checkpoint")
     assert sorted(p.name for p in workdir.iterdir()) == ["junk.ckpt", "plain.ckpt"]
+
+
+def test_every_train_py_command_in_the_readme_parses(monkeypatch, tmp_path):
+    """The README's commands name flags that exist, with values train.py accepts (GPUs assumed)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(train, "auto_precision", lambda accelerator, flags: ("bf16-mixed", "test"))
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
+    commands = [line.split("#")[0] for block in blocks for line in block.replace("\\\n", " ").splitlines()
+                if "train.py" in line and not line.lstrip().startswith("#")]
+    assert len(commands) >= 6, commands
+    for command in commands:
+        argv = shlex.split(command.split("train.py", 1)[1].split("$(")[0])
+        args = train.parse_args(argv)
+        assert args.accelerator in ("cpu", "gpu"), command
