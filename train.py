@@ -242,9 +242,9 @@ class SumSignModel(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint):
         # Lightning calls no callback for a weights-only checkpoint: put the validated, averaged weights in.
-        averaging = [c for c in self.trainer.callbacks if isinstance(c, IterateAveraging)]
+        averaging = callback(self.trainer, IterateAveraging)
         if averaging and "optimizer_states" not in checkpoint:
-            checkpoint["state_dict"] = averaging[0].averaged_state_dict()
+            checkpoint["state_dict"] = averaging.averaged_state_dict()
 
 
 class IterateAveraging(WeightAveraging):
@@ -800,14 +800,14 @@ def timings(t_start: float, t_tune: float, t_fit: float) -> dict:
     return dict(tune_seconds=t_fit - t_tune, fit_seconds=t_end - t_fit, total_seconds=t_end - t_start)
 
 
-def callback(trainer: pl.Trainer, kind: type) -> Callback:
-    return next(c for c in trainer.callbacks if isinstance(c, kind))
+def callback(trainer: pl.Trainer, kind: type) -> Callback | None:
+    return next((c for c in trainer.callbacks if isinstance(c, kind)), None)
 
 
 def ended_by(trainer: pl.Trainer, interrupted_by: int | None) -> str:
     """What ended the run: interrupted, diverged, patience, max_time or max_epochs."""
     stopping, divergence = trainer.early_stopping_callbacks
-    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    timer = callback(trainer, Timer)
     if interrupted_by:
         return f"interrupted ({signal.Signals(interrupted_by).name})"
     if divergence.stopping_reason == EarlyStoppingReason.NON_FINITE_METRIC:
