@@ -290,11 +290,12 @@ def main(argv=None) -> int:
         divergence = EarlyStopping(monitor="val_loss", patience=math.inf, check_finite=True)  # NaN or inf only
         tuned = TunedValues(None)
         trainer = make_trainer(
-            args, devices=args.devices, num_nodes=args.num_nodes, max_epochs=args.max_epochs,
-            max_time=args.max_time, logger=logger,
+            args, devices=args.devices, num_nodes=args.num_nodes, max_epochs=args.max_epochs, logger=logger,
             callbacks=[best_checkpoint, last_checkpoint, early_stopping, divergence, BestEpoch(best_checkpoint),
                        TrainThroughput(), tuned, stop, LearningRateMonitor(logging_interval="epoch"),
-                       IterateAveraging()],
+                       IterateAveraging(),
+                       # Trainer(max_time=) stops mid-epoch, and a resume would skip the epoch's rest.
+                       *([Timer(args.max_time, interval="epoch")] if args.max_time else [])],
             fast_dev_run=args.fast_dev_run, default_root_dir=args.logdir,
         )
         stop.watch(trainer, last_checkpoint)
@@ -606,8 +607,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     train = p.add_argument_group("training and output")
     train.add_argument("--max-epochs", type=count, default=100, help="upper bound on epochs (default: 100)")
     train.add_argument("--max-time", type=duration_arg, default=None,
-                       help="upper bound on training time across resumes, tuning not counted; a number "
-                            "with d, h, m or s, e.g. 90s, 10m, 1h30m (default: none)")
+                       help="training time after which the run ends at the end of the epoch, counted across "
+                            "resumes, tuning not counted; a number with d, h, m or s, e.g. 90s, 10m, 1h30m "
+                            "(default: none)")
     train.add_argument("--patience", type=bounded(int, 0, "an integer >= 0"), default=10,
                        help="epochs without a higher val_acc before early stopping (default: 10)")
     train.add_argument("--lr-decay-epochs", type=bounded(float, None, "a number > 0"), default=2.0,

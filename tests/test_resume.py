@@ -318,3 +318,19 @@ def test_help_says_which_flags_may_change_on_resume():
                  "--precision", "--patience", "--lr-decay-epochs"):
         assert flag in resume_help.split("must match")[0]
     assert "--max-epochs, --max-time and the hardware flags may change" in resume_help
+
+
+def test_a_run_ended_by_max_time_resumes_as_the_run_never_stopped(workdir):
+    # The time budget ends a run at an epoch's end: its last.ckpt holds whole epochs, so a resume with
+    # more time trains on exactly as the run that never stopped.
+    flags = [*FRESH_STALLS, "--max-epochs", "40"]
+    run_train(*flags, "--max-time", "1h", cwd=workdir)
+    run_train(*flags, "--max-time", "1s", cwd=workdir)
+    full, stopped = (workdir / "lightning_logs" / f"version_{v}" for v in (0, 1))
+    s = summary(stopped)
+    assert s["ended_by"] == "max_time" and 1 <= s["epochs"] < 40
+    last = checkpoint(stopped / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == s["epochs"] * 12  # 120 rows in batches of 10: whole epochs only
+    run_train(*flags, "--max-time", "1h", "--resume", str(stopped / "checkpoints" / "last.ckpt"), cwd=workdir)
+    assert summary(stopped)["ended_by"] == summary(full)["ended_by"]
+    assert_same_run(stopped, full)
