@@ -50,7 +50,7 @@ from pytorch_lightning.tuner import Tuner
 from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 
@@ -112,19 +112,6 @@ class SumSignDataset(Dataset):
         return values(self.codes.index_select(0, rows), self.dtype), self.labels.index_select(0, rows)
 
 
-class EpochRows(Dataset):
-    """One rank's rows of a fixed split in one epoch's order; an item is the batch at a slice of positions."""
-
-    def __init__(self, split: SumSignDataset, order: torch.Tensor):
-        self.split, self.order = split, order
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-    def __getitem__(self, positions: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.split[self.order[positions]]
-
-
 class FreshRows(Dataset):
     """One rank's new rows of one epoch, drawn on `device` batch by batch and never stored; the batch
     at [start, stop) is a function of (seed, epoch, rank, start), so a rerun or a resume draws the same.
@@ -183,11 +170,11 @@ class SumSignDataModule(pl.LightningDataModule):
             return self._loader(FreshRows(rows, hp.features, key, device, self.dtype))
         generator = random_stream(device, hp.seed, "order", epoch)
         order = torch.randperm(hp.train_samples, generator=generator, device=device)
-        return self._loader(EpochRows(self.train_set, self._shard(order)))
+        return self._loader(Subset(self.train_set, self._shard(order)))  # a slice of order picks a batch
 
     def val_dataloader(self) -> DataLoader:
         order = torch.arange(len(self.val_set), device=self.val_set.labels.device)
-        return self._loader(EpochRows(self.val_set, self._shard(order)))
+        return self._loader(Subset(self.val_set, self._shard(order)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,6 +262,7 @@ def main(argv=None) -> int:
         torch.set_float32_matmul_precision("high")  # TF32 on tensor cores, as Lightning advises
         logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # milestones only on stdout
         warnings.filterwarnings("ignore", ".*does not have many workers.*")  # in-memory data needs none
+        warnings.filterwarnings("ignore", ".*LeafSpec.*is deprecated")  # Lightning 2.6's call into torch 2.13
 
         datamodule = SumSignDataModule(args.train_samples, args.val_samples, args.features, args.seed,
                                        args.batch_size, args.fixed_data)
@@ -295,7 +283,7 @@ def main(argv=None) -> int:
                        TrainThroughput(), tuned, stop, LearningRateMonitor(logging_interval="epoch"),
                        IterateAveraging(),
                        # Trainer(max_time=) stops mid-epoch, and a resume would skip the epoch's rest.
-                       *([Timer(args.max_time, interval="epoch")] if args.max_time else [])],
+                       Timer(args.max_time, interval="epoch")],
             fast_dev_run=args.fast_dev_run, default_root_dir=args.logdir,
         )
         stop.watch(trainer, last_checkpoint)
@@ -809,14 +797,14 @@ def callback(trainer: pl.Trainer, kind: type) -> Callback | None:
 def ended_by(trainer: pl.Trainer, interrupted_by: int | None) -> str:
     """What ended the run: interrupted, diverged, patience, max_time or max_epochs."""
     stopping, divergence = trainer.early_stopping_callbacks
-    timer = callback(trainer, Timer)
+    remaining = callback(trainer, Timer).time_remaining()  # None without --max-time
     if interrupted_by:
         return f"interrupted ({signal.Signals(interrupted_by).name})"
     if divergence.stopping_reason == EarlyStoppingReason.NON_FINITE_METRIC:
         return "diverged"
     if stopping.stopping_reason == EarlyStoppingReason.PATIENCE_EXHAUSTED:
         return "patience"
-    return "max_time" if timer and timer.time_remaining() <= 0 else "max_epochs"
+    return "max_time" if remaining is not None and remaining <= 0 else "max_epochs"
 
 
 def report(args, trainer: pl.Trainer, seconds: dict, interrupted_by: int | None = None) -> int:
@@ -839,7 +827,7 @@ def report(args, trainer: pl.Trainer, seconds: dict, interrupted_by: int | None 
         "world_size": trainer.world_size,
         "patience": trainer.early_stopping_callback.patience,
         "lr_decay_epochs": model.hparams.lr_decay_epochs,
-        "epochs": trainer.current_epoch,
+        "epochs": trainer.fit_loop.epoch_progress.current.processed,  # also when a resume trains none
         "ended_by": ended,
         "best_val_acc": best_checkpoint.best_model_score.item() if best_path else None,
         "best_val_loss": best_val_loss if best_path else None,  # None with no best checkpoint, or when removed
@@ -856,7 +844,7 @@ def report(args, trainer: pl.Trainer, seconds: dict, interrupted_by: int | None 
     if interrupted_by:
         return 128 + interrupted_by
     if ended == "diverged":
-        say(f"training diverged at epoch {trainer.current_epoch - 1}: val_loss is not finite with "
+        say(f"training diverged at epoch {summary['epochs'] - 1}: val_loss is not finite with "
             f"lr {model.hparams.lr:g}; lower --lr or drop --no-lr-find")
         return 1
     say(f"best checkpoint: {best_path} (val_acc {summary['best_val_acc']:.4f}, val_loss {best_val_loss:.4f})")

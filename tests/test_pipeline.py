@@ -53,6 +53,9 @@ def test_milestones_are_printed_once(default_run):
     assert len(re.findall(r"^learning rate: [0-9.e-]+$", out, re.M)) == 1
     assert len(re.findall(r"^best checkpoint: .+best-epoch=\d+\.ckpt \(val_acc", out, re.M)) == 1
     assert "tensorboard --logdir=lightning_logs" in out
+    # stderr holds the LR finder's progress bar and no warning a user cannot act on
+    assert [line for line in re.split(r"[\r\n]", proc.stderr) if line.strip()
+            and not line.startswith("Finding best initial lr")] == [], proc.stderr
 
 
 def test_checkpoint_keeps_the_tuned_values(default_run):

@@ -322,15 +322,18 @@ def test_help_says_which_flags_may_change_on_resume():
 
 def test_a_run_ended_by_max_time_resumes_as_the_run_never_stopped(workdir):
     # The time budget ends a run at an epoch's end: its last.ckpt holds whole epochs, so a resume with
-    # more time trains on exactly as the run that never stopped.
+    # more time, or none, trains on exactly as the run that never stopped.
     flags = [*FRESH_STALLS, "--max-epochs", "40"]
-    run_train(*flags, "--max-time", "1h", cwd=workdir)
+    run_train(*flags, cwd=workdir)
     run_train(*flags, "--max-time", "1s", cwd=workdir)
     full, stopped = (workdir / "lightning_logs" / f"version_{v}" for v in (0, 1))
-    s = summary(stopped)
-    assert s["ended_by"] == "max_time" and 1 <= s["epochs"] < 40
-    last = checkpoint(stopped / "checkpoints" / "last.ckpt")
-    assert last["global_step"] == s["epochs"] * 12  # 120 rows in batches of 10: whole epochs only
-    run_train(*flags, "--max-time", "1h", "--resume", str(stopped / "checkpoints" / "last.ckpt"), cwd=workdir)
-    assert summary(stopped)["ended_by"] == summary(full)["ended_by"]
+    before, last = metrics(stopped), checkpoint(stopped / "checkpoints" / "last.ckpt")
+    assert before["ended_by"] == "max_time" and 1 <= before["epochs"] < 40
+    assert last["global_step"] == before["epochs"] * 12  # 120 rows in batches of 10: whole epochs only
+    # Resumed with the budget it has spent, it trains nothing and reports the same.
+    run_train(*flags, "--max-time", "1s", "--resume", str(stopped / "checkpoints" / "last.ckpt"), cwd=workdir)
+    assert metrics(stopped) == before
+    assert checkpoint(stopped / "checkpoints" / "last.ckpt")["global_step"] == last["global_step"]
+    resumed = run_train(*flags, "--resume", str(stopped / "checkpoints" / "last.ckpt"), cwd=workdir)
+    assert "Please add the following callbacks" not in resumed.stderr  # every run keeps the Timer's state
     assert_same_run(stopped, full)
