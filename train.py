@@ -35,8 +35,10 @@ import sys
 import tempfile
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
+from lightning_utilities.core.apply_func import apply_to_collection
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -315,7 +317,7 @@ def main(argv=None) -> int:
 
 
 def make_trainer(args, **kwargs) -> pl.Trainer:
-    plugins = [AtomicCheckpointIO()]
+    plugins = [CheckpointWriter()]
     if SLURMEnvironment.detect():  # no auto-requeue: it would resume from its own hpc_ckpt, unchecked
         plugins.append(SLURMEnvironment(auto_requeue=False))
     return pl.Trainer(
@@ -440,13 +442,40 @@ class ResumableEarlyStopping(EarlyStopping):
         trainer.should_stop = self.stopping_reason != EarlyStoppingReason.NOT_STOPPED
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint beside its name, then renames it: a kill at any moment leaves the last whole one."""
+class CheckpointWriter(TorchCheckpointIO):
+    """Writes checkpoints in a thread while training goes on: a copy of the tensors is taken at once, then
+    written beside its name and renamed, so a kill at any moment leaves the last whole file. At most one
+    epoch's two files are in flight; removals queue behind them, and loads and teardown wait for them.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.thread, self.pending = ThreadPoolExecutor(max_workers=1), []
+
+    def _queue(self, work, *args) -> None:
+        while self.pending and (self.pending[0].done() or len(self.pending) >= 2):
+            self.pending.pop(0).result()  # raises here what went wrong in the thread
+        self.pending.append(self.thread.submit(work, *args))
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
+        self._queue(self._write, apply_to_collection(checkpoint, torch.Tensor, lambda t: t.detach().clone()), path)
+
+    @staticmethod
+    def _write(checkpoint, path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         torch.save(checkpoint, f"{path}.partial")
         os.replace(f"{path}.partial", path)
+
+    def remove_checkpoint(self, path):
+        self._queue(super().remove_checkpoint, path)
+
+    def load_checkpoint(self, *args, **kwargs):
+        self.teardown()  # the tuners read back what they have just saved
+        return super().load_checkpoint(*args, **kwargs)
+
+    def teardown(self):
+        while self.pending:
+            self.pending.pop(0).result()
 
 
 class BestEpoch(Callback):

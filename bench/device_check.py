@@ -10,7 +10,8 @@ and may fail without stopping the others; DIR/report.md is rewritten after every
 call cut short still leaves what it measured.
 
 1. `train.py --gpus 1` at the defaults: wall time, seconds of training until val_acc >= 0.99 on
-   never-seen rows, what ended the run, summary.json, peak GPU memory.
+   never-seen rows, what ended the run, summary.json, peak GPU memory; each epoch's seconds against
+   its training steps' (the rest is validation and checkpoints), and the time to write last.ckpt.
 2. bench/compare.py: train.py against the bare loop and a minimal LightningModule in 32-true (TF32),
    bf16-mixed, bf16-true, and the same at tiny shapes (Python's cost per step).
 3. `--deterministic` reruns at a small size: identical weights?
@@ -53,18 +54,48 @@ def flags_value(flags: list[str], flag: str) -> str | None:
 
 
 def time_to_target(run: str, rows: int) -> tuple[list[str], list, tuple | None]:
-    """Report lines on when val_acc first reached TARGET_ACC, in seconds of training; the curve; that point."""
+    """Report lines on when val_acc first reached TARGET_ACC, in seconds of training, and where each epoch's
+    time went; the curve; that point."""
     events = event_scalars(run)
     fit_start = events["lr-Adam"][0][0]  # logged as epoch 0 starts
     curve = [(wall - fit_start, acc) for wall, acc in events["val_acc"]]
     reached = next(((t, e, acc) for e, (t, acc) in enumerate(curve) if acc >= TARGET_ACC), None)
+    # From one val_acc to the next: the last epoch's checkpoints, this epoch's steps and its validation.
+    ends = [0.0] + [t for t, _ in curve]
+    epoch_seconds = [b - a for a, b in zip(ends, ends[1:])]
+    step_seconds = [rows / rate for _, rate in events["train_samples_per_second"]]
     lines = [(f"- val_acc >= {TARGET_ACC} after **{reached[0]:.1f} s of training** (epoch {reached[1]}, "
               f"{(reached[1] + 1) * rows:,} new rows seen), val_acc {reached[2]:.4f}" if reached else
-              f"- val_acc never reached {TARGET_ACC}: best {max(a for _, a in curve):.4f}"), "",
-             "| epoch | seconds into training | val_acc | lr |", "| ---: | ---: | ---: | ---: |",
-             *[f"| {e} | {t:.1f} | {acc:.4f} | {lr:.3g} |" for e, ((t, acc), (_, lr))
-               in enumerate(zip(curve, events["lr-Adam"]))]]
+              f"- val_acc never reached {TARGET_ACC}: best {max(a for _, a in curve):.4f}"),
+             f"- of {sum(epoch_seconds):.1f} s of epochs, {sum(step_seconds):.1f} s were training steps (rows / "
+             f"train_samples_per_second, the median step); the rest, {sum(epoch_seconds) - sum(step_seconds):.1f} s, "
+             "went to validation, checkpoint writes and each epoch's first step", "",
+             "| epoch | seconds into training | epoch seconds | of them training steps | val_acc | lr |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: |",
+             *[f"| {e} | {t:.1f} | {epoch:.2f} | {steps:.2f} | {acc:.4f} | {lr:.3g} |"
+               for e, ((t, acc), epoch, steps, (_, lr))
+               in enumerate(zip(curve, epoch_seconds, step_seconds, events["lr-Adam"]))]]
     return lines, curve, reached
+
+
+def checkpoint_write_seconds(run: str, device: str) -> tuple[list[str], dict]:
+    """Time train.py's own writer saving the run's last.ckpt, its tensors on `device`, as each epoch does."""
+    checkpoint = torch.load(os.path.join(run, "checkpoints", "last.ckpt"), map_location=device, weights_only=False)
+    path = os.path.join(run, "checkpoints", "timed.ckpt")
+    seconds = []
+    for _ in range(3):
+        start = time.perf_counter()
+        writer = train.CheckpointWriter()
+        writer.save_checkpoint(checkpoint, path)
+        copied = time.perf_counter()
+        writer.teardown()
+        seconds.append((copied - start, time.perf_counter() - start))
+    size = os.path.getsize(path)
+    os.remove(path)
+    return ([f"- last.ckpt ({size / 1e9:.2f} GB, tensors on {device}), written by train.py's CheckpointWriter three "
+             f"times: training waits {', '.join(f'{c:.2f}' for c, _ in seconds)} s for the copy; the file is whole "
+             f"after {', '.join(f'{w:.2f}' for _, w in seconds)} s. Every epoch writes it, and the best weights in "
+             "an epoch that improves"], {"last_ckpt_bytes": size, "last_ckpt_copy_and_write_seconds": seconds})
 
 
 class Check:
@@ -119,13 +150,14 @@ class Check:
         milestones = [line for line in proc.stdout.splitlines() if re.match(r"(precision|batch size|learning rate|"
                                                                              r"best checkpoint|done in):", line)]
         curve_lines, curve, reached = time_to_target(run, int(flags_value(flags, "--train-samples") or 43210))
+        write_lines, writes = checkpoint_write_seconds(run, "cpu" if self.smoke else "cuda")
         lines = [f"`python train.py {shlex.join(flags)}`: {seconds:.1f} s wall, exit 0, ended by "
-                 f"**{s['ended_by']}**", "", "```", *milestones, "```", "", *curve_lines, "",
+                 f"**{s['ended_by']}**", "", "```", *milestones, "```", "", *write_lines, *curve_lines, "",
                  "| summary.json | value |", "| --- | --- |",
                  *[f"| {k} | {v} |" for k, v in s.items() if k not in ("checkpoint", "last_checkpoint")],
                  f"| peak GPU memory, nvidia-smi (whole process) | {memory.peak_text()} |"]
         return lines, {"wall_seconds": seconds, "summary": s, "nvidia_smi_peak_mib": memory.peak_mib,
-                       "seconds_to_target": reached and reached[0], "curve": curve}
+                       "seconds_to_target": reached and reached[0], "curve": curve, **writes}
 
     # --- 2 ------------------------------------------------------------------------------------
     def compare(self):
@@ -308,7 +340,8 @@ def event_scalars(run: str) -> dict:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(run).Reload()
-    return {tag: [(e.wall_time, e.value) for e in events.Scalars(tag)] for tag in ("val_acc", "lr-Adam")}
+    tags = ("val_acc", "lr-Adam", "train_samples_per_second")
+    return {tag: [(e.wall_time, e.value) for e in events.Scalars(tag)] for tag in tags}
 
 
 def device_name(smoke: bool) -> str:

@@ -22,6 +22,8 @@ def test_smoke_mode_runs_every_step_and_reports_it(tmp_path):
     default = results["1"]
     assert default["summary"]["data"] == "fresh every epoch" and default["summary"]["best_val_acc"] > 0.9
     assert len(default["curve"]) == default["summary"]["epochs"] and "ended by" in report.split("\n## 2.")[0]
+    assert len(default["last_ckpt_copy_and_write_seconds"]) == 3 and default["last_ckpt_bytes"] > 0
+    assert "| epoch | seconds into training | epoch seconds | of them training steps |" in report
     assert any(line.startswith("default (auto: ") for line in results["2"]["table"])  # the compare bench's rows
     assert any(line.startswith("32-true ") for line in results["2"]["tiny_table"])  # and at tiny shapes
     assert results["3"]["deterministic_identical"] is True
