@@ -242,12 +242,19 @@ class IterateAveraging(WeightAveraging):
     """
 
     def __init__(self, gamma: float = AVERAGING_GAMMA):
-        @torch.no_grad()
-        def update(averaged, current, n):  # n: updates so far, a tensor where the weights live
-            current = [c.to(a.dtype) for a, c in zip(averaged, current)]  # bf16-true: a float32 average
-            torch._foreach_lerp_(averaged, current, (gamma + 1) / (n + gamma + 1))
+        super().__init__()
+        self.gamma = gamma
 
-        super().__init__(multi_avg_fn=update)
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        # Counted by the trainer: AveragedModel.update_parameters reads its count on the GPU, a sync a step.
+        step = trainer.global_step
+        if step > self._latest_update_step:
+            averaged = list(self._average_model.module.parameters())
+            current = [p.detach().to(a.dtype) for a, p in zip(averaged, pl_module.parameters())]  # float32 average
+            torch._foreach_lerp_(averaged, current, (self.gamma + 1) / (step + self.gamma))  # all of it at step 1
+            self._average_model.n_averaged += 1  # kept for Lightning's checkpoint code
+            self._latest_update_step = step
 
     def averaged_state_dict(self) -> dict:
         return self._average_model.module.state_dict()

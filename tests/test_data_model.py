@@ -4,6 +4,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import train
 from conftest import TINY
@@ -129,6 +130,37 @@ def test_training_loss_is_finite_where_sigmoid_saturates():
     model.trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
     loss = model.training_step((x, y), 0)
     assert loss.item() == pytest.approx(100100 / 2)  # the row labelled 0 costs its whole logit
+
+
+class ScalarReads(TorchDispatchMode):
+    """Counts aten._local_scalar_dense: what .item(), bool() and a tensor given as a Python number run.
+    On a GPU each one waits for the device; on the CPU they are counted all the same."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_average_is_the_polynomial_decay_one_and_reads_nothing_back_from_the_device():
+    model, averaging, gamma = SumSignModel(features=8, hidden=4), train.IterateAveraging(), train.AVERAGING_GAMMA
+    averaging.setup(None, model, "fit")
+    expected = None
+    for step in range(1, 6):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_()
+        current = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+        expected = current if expected is None else expected + (gamma + 1) / (step + gamma) * (current - expected)
+        with ScalarReads() as reads:
+            averaging.on_train_batch_end(SimpleNamespace(global_step=step), model, None, None, step - 1)
+        assert reads.count == 0  # no host synchronisation a step on a GPU
+    average = torch.cat([p.double().flatten() for p in averaging.averaged_state_dict().values()])
+    assert torch.allclose(average, expected, atol=1e-6) and int(averaging._average_model.n_averaged) == 5
+
 
 
 @pytest.mark.parametrize("flags,precision", [
