@@ -461,8 +461,16 @@ class CheckpointWriter(TorchCheckpointIO):
 
     def _queue(self, work, *args) -> None:
         while self.pending and (self.pending[0].done() or len(self.pending) >= 2):
-            self.pending.pop(0).result()  # raises here what went wrong in the thread
+            self._wait_for_oldest()
         self.pending.append(self.thread.submit(work, *args))
+
+    def _wait_for_oldest(self) -> None:
+        oldest = self.pending[0]
+        try:
+            oldest.result()  # raises here what went wrong in the thread
+        finally:
+            if oldest.done():  # a Ctrl-C during the wait leaves it queued, for teardown to wait on
+                self.pending.remove(oldest)
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         self._queue(self._write, apply_to_collection(checkpoint, torch.Tensor, lambda t: t.detach().clone()), path)
@@ -482,7 +490,7 @@ class CheckpointWriter(TorchCheckpointIO):
 
     def teardown(self):
         while self.pending:
-            self.pending.pop(0).result()
+            self._wait_for_oldest()
 
 
 class BestEpoch(Callback):

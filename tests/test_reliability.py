@@ -6,6 +6,7 @@ import os
 import re
 import shlex
 import signal
+import threading
 
 import pytest
 import torch
@@ -125,3 +126,30 @@ def test_a_one_process_run_sets_nothing_for_other_runs(workdir):
     assert train.main([*TINY, "--max-epochs", "1"]) == 0
     added = {k: v for k, v in os.environ.items() if before.get(k) != v}
     assert set(added) <= {"PL_GLOBAL_SEED", "PL_SEED_WORKERS"}, added  # Lightning's seed_everything, none of ours
+
+
+def test_a_checkpoint_written_in_the_background_is_the_state_when_saved_and_survives_a_ctrl_c(tmp_path, monkeypatch):
+    release, write = threading.Event(), train.CheckpointWriter._write
+
+    def held_write(*args):  # the thread writes only once the test lets it
+        release.wait(30)
+        write(*args)
+
+    def ctrl_c(signum, frame):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.CheckpointWriter, "_write", staticmethod(held_write))
+    writer, weights_now, path = train.CheckpointWriter(), torch.ones(3), tmp_path / "last.ckpt"
+    writer.save_checkpoint({"w": weights_now}, str(path))
+    weights_now.add_(1)  # training goes on while the file is written
+    previous = signal.signal(signal.SIGALRM, ctrl_c)
+    signal.setitimer(signal.ITIMER_REAL, 0.2)
+    try:
+        with pytest.raises(KeyboardInterrupt):  # Ctrl-C while teardown waits for the write
+            writer.teardown()
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    assert not path.exists()
+    release.set()
+    writer.teardown()  # Lightning tears down again: it still waits for that write
+    assert torch.equal(torch.load(path)["w"], torch.ones(3))
