@@ -38,10 +38,10 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
-from lightning_utilities.core.apply_func import apply_to_collection
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from lightning_utilities.core.apply_func import apply_to_collection
 from pytorch_lightning.callbacks import (Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint, Timer,
                                          WeightAveraging)
 from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
@@ -253,7 +253,7 @@ class IterateAveraging(WeightAveraging):
             averaged = list(self._average_model.module.parameters())
             current = [p.detach().to(a.dtype) for a, p in zip(averaged, pl_module.parameters())]  # float32 average
             torch._foreach_lerp_(averaged, current, (self.gamma + 1) / (step + self.gamma))  # all of it at step 1
-            self._average_model.n_averaged += 1  # kept for Lightning's checkpoint code
+            self._average_model.n_averaged += 1  # the count saved in checkpoints stays true
             self._latest_update_step = step
 
     def averaged_state_dict(self) -> dict:
