@@ -452,7 +452,7 @@ class ResumableEarlyStopping(EarlyStopping):
 class CheckpointWriter(TorchCheckpointIO):
     """Writes checkpoints in a thread while training goes on: a copy of the tensors is taken at once, then
     written beside its name and renamed, so a kill at any moment leaves the last whole file. At most one
-    epoch's two files are in flight; removals queue behind them, and loads and teardown wait for them.
+    epoch's work is queued; removals queue behind the writes, and loads and teardown wait for them.
     """
 
     def __init__(self):
@@ -460,8 +460,10 @@ class CheckpointWriter(TorchCheckpointIO):
         self.thread, self.pending = ThreadPoolExecutor(max_workers=1), []
 
     def _queue(self, work, *args) -> None:
-        while self.pending and (self.pending[0].done() or len(self.pending) >= 2):
+        # Room for an epoch's three: the new best file, the old one's removal, last.ckpt; then the copy.
+        while self.pending and (self.pending[0].done() or len(self.pending) >= 3):
             self._wait_for_oldest()
+        args = apply_to_collection(args, torch.Tensor, lambda t: t.detach().clone())  # the state as it is now
         self.pending.append(self.thread.submit(work, *args))
 
     def _wait_for_oldest(self) -> None:
@@ -473,7 +475,7 @@ class CheckpointWriter(TorchCheckpointIO):
                 self.pending.remove(oldest)
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
-        self._queue(self._write, apply_to_collection(checkpoint, torch.Tensor, lambda t: t.detach().clone()), path)
+        self._queue(self._write, checkpoint, path)
 
     @staticmethod
     def _write(checkpoint, path):

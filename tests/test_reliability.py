@@ -153,3 +153,34 @@ def test_a_checkpoint_written_in_the_background_is_the_state_when_saved_and_surv
     release.set()
     writer.teardown()  # Lightning tears down again: it still waits for that write
     assert torch.equal(torch.load(path)["w"], torch.ones(3))
+
+
+def test_an_epoch_s_checkpoints_queue_without_waiting_and_the_next_epoch_s_wait(tmp_path, monkeypatch):
+    release, write = threading.Event(), train.CheckpointWriter._write
+
+    def held_write(*args):  # the thread writes only once the test lets it
+        release.wait(30)
+        write(*args)
+
+    def in_thread(work) -> threading.Thread:
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        thread.join(timeout=2)
+        return thread
+
+    monkeypatch.setattr(train.CheckpointWriter, "_write", staticmethod(held_write))
+    writer, state = train.CheckpointWriter(), {"w": torch.ones(3)}
+    (tmp_path / "best-epoch=0.ckpt").write_bytes(b"old best")
+
+    def improving_epoch():  # as Lightning does it: the new best, the old best's removal, last.ckpt
+        writer.save_checkpoint(state, str(tmp_path / "best-epoch=1.ckpt"))
+        writer.remove_checkpoint(str(tmp_path / "best-epoch=0.ckpt"))
+        writer.save_checkpoint(state, str(tmp_path / "last.ckpt"))
+
+    assert not in_thread(improving_epoch).is_alive()  # training did not wait for the best file's write
+    next_epoch = in_thread(lambda: writer.save_checkpoint(state, str(tmp_path / "best-epoch=2.ckpt")))
+    assert next_epoch.is_alive()  # the next epoch's first write waits: one epoch's copies at most
+    release.set()
+    next_epoch.join(timeout=30)
+    writer.teardown()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best-epoch=1.ckpt", "best-epoch=2.ckpt", "last.ckpt"]
