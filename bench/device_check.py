@@ -82,10 +82,9 @@ def checkpoint_write_seconds(run: str, device: str) -> tuple[list[str], dict]:
     """Time train.py's own writer saving the run's last.ckpt, its tensors on `device`, as each epoch does."""
     checkpoint = torch.load(os.path.join(run, "checkpoints", "last.ckpt"), map_location=device, weights_only=False)
     path = os.path.join(run, "checkpoints", "timed.ckpt")
-    seconds = []
+    seconds, writer = [], train.CheckpointWriter()
     for _ in range(3):
         start = time.perf_counter()
-        writer = train.CheckpointWriter()
         writer.save_checkpoint(checkpoint, path)
         copied = time.perf_counter()
         writer.teardown()
