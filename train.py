@@ -28,11 +28,13 @@ import math
 import os
 import re
 import resource
+import select
 import shlex
 import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -63,6 +65,7 @@ PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
 NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs with bf16 matmul units
 MEMORY_FRACTION = 0.5  # of the RAM available when tuning starts that batches may use
 AVERAGING_GAMMA = 1  # the averaged weights span about the last half of the steps
+SIGNAL_GRACE_SECONDS = 10  # a signal whose handler has not run by then ends the process (the main thread waits in C++)
 # What --resume must find unchanged: every other flag either may change or is taken from the checkpoint.
 RUN_DEFINING_FLAGS = ("features", "hidden", "seed", "train_samples", "val_samples", "fixed_data", "precision",
                       "patience", "lr_decay_epochs")
@@ -309,6 +312,8 @@ def main(argv=None) -> int:
 
         t_fit = time.perf_counter()
         stop.phase = "training"
+        if trainer.world_size > 1:  # started by hand, a node waits here for the others
+            say(f"training on {trainer.world_size} processes, {args.num_nodes} node(s): starts once all have joined")
         trainer.fit(model, datamodule=datamodule, ckpt_path=args.resume)
         stop.phase = "the report"
         stop.training_done()
@@ -754,7 +759,9 @@ class StopOnSignal(Callback):
     """Ctrl-C (SIGINT) and SIGTERM end the run cleanly at any moment: one line on what stopped and what
     can be resumed, exit status 128 + signal. Before training, rank 0 raises KeyboardInterrupt at once
     (other ranks, waiting in C++, keep the default action); in training every rank stops at the end of
-    the same step. Replaces Lightning's SIGTERM handler (docs/design.md).
+    the same step. Replaces Lightning's SIGTERM handler (docs/design.md). A signal that Python cannot hand
+    to the handler, its main thread waiting in C++ (for a node that never comes), ends the process after
+    SIGNAL_GRACE_SECONDS, or at once with a second signal, with the same line.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -762,6 +769,20 @@ class StopOnSignal(Callback):
     def __init__(self, argv: list[str]):
         self.argv, self.signum, self.training, self.last_checkpoint, self.phase = argv, None, False, None, "setup"
         self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
+        wakeup, self.wakeup = os.pipe()  # Python writes each signal's number here as it arrives
+        os.set_blocking(self.wakeup, False)
+        self.previous_wakeup = signal.set_wakeup_fd(self.wakeup, warn_on_full_buffer=False)
+        threading.Thread(target=self.watchdog, args=(wakeup,), daemon=True).start()
+
+    def watchdog(self, wakeup: int) -> None:
+        with open(wakeup, "rb", buffering=0) as pipe:
+            while received := pipe.read(1):  # empty once restore() closes the pipe
+                if received[0] in self.SIGNALS:
+                    select.select([pipe], [], [], SIGNAL_GRACE_SECONDS)  # a second signal cuts the wait
+                    if self.signum is None:  # the handler never ran
+                        self.signum = received[0]
+                        say(self.line())
+                        os._exit(128 + self.signum)
 
     def watch(self, trainer: pl.Trainer, last_checkpoint: ModelCheckpoint) -> None:
         self.last_checkpoint = last_checkpoint
@@ -822,6 +843,8 @@ class StopOnSignal(Callback):
     def restore(self) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        signal.set_wakeup_fd(self.previous_wakeup)
+        os.close(self.wakeup)
 
 
 def resume_arguments(argv: list[str], last_ckpt: str) -> str:

@@ -48,6 +48,7 @@ def check_one_run(workdir, stdout, stderr, world_size=2):
     assert len(re.findall(r"^batch size: \d+ per device", stdout, re.M)) == 1  # one batch-size search
     assert len(re.findall(r"Finding best initial lr:\s+0%", stdout + stderr)) == 1  # one LR finder in the job
     assert len(re.findall(r"^learning rate: ", stdout, re.M)) == 1
+    assert len(re.findall(rf"^training on {world_size} processes, ", stdout, re.M)) == 1
     assert len(re.findall(r"^best checkpoint: ", stdout, re.M)) == 1
     assert sorted(p.name for p in (workdir / "lightning_logs").iterdir()) == ["version_0"]
     run = workdir / "lightning_logs" / "version_0"
@@ -211,3 +212,43 @@ def test_ctrl_c_during_fit(workdir, launcher):
     rc, out, err = assert_job_ends(proc, workdir, signal.SIGINT)
     assert_exit_status(launcher, rc, err, signal.SIGINT)
     assert re.search(r"^interrupted by SIGINT during training; resume with: ", out, re.M), out
+
+
+def listening(port: int) -> bool:
+    """Whether a process here listens on `port` (read from /proc: connecting would disturb the listener)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                return True
+    return False
+
+
+@pytest.mark.parametrize("signals", [[signal.SIGTERM], [signal.SIGINT, signal.SIGINT]], ids=["SIGTERM", "Ctrl-C-twice"])
+def test_a_signal_ends_rank_0_while_it_waits_for_a_node_that_never_comes(workdir, signals):
+    # Node 1 of a two-node job started by hand never starts: rank 0 tunes, then waits in C++ (torch's
+    # TCPStore) for up to 30 minutes, where Python runs no signal handler.
+    port = free_port()
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": "0"}
+    proc = subprocess.Popen([sys.executable, *train_argv("--devices", "1", "--num-nodes", "2", workdir=workdir)],
+                            cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not listening(port):  # rank 0 listens once it waits for the others
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    time.sleep(1)
+    sent = time.monotonic()
+    for sig in signals:
+        os.kill(proc.pid, sig)
+        time.sleep(0.2)
+    try:
+        out, err = proc.communicate(timeout=train.SIGNAL_GRACE_SECONDS + 30)
+    except subprocess.TimeoutExpired:
+        kill_all(str(workdir))
+        pytest.fail("a signal did not end rank 0 while it waited for the other node")
+    seconds = time.monotonic() - sent
+    assert proc.returncode == 128 + signals[0] and "Traceback" not in err, err[-3000:]
+    assert re.search(rf"^interrupted by {signals[0].name} during training; no epoch had completed", out, re.M), out
+    # One signal ends it once the grace has passed; a second one at once.
+    assert seconds < (train.SIGNAL_GRACE_SECONDS + 5 if len(signals) == 1 else train.SIGNAL_GRACE_SECONDS)
+    assert pids_running(str(workdir)) == []
