@@ -673,6 +673,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         flag = "--accelerator gpu" if args.gpus is None else f"--gpus {args.gpus}"
         p.error(f"argument {flag.split()[0]}: {flag} asks for GPUs, but CUDA is not available here; "
                 "use --gpus 0 to train on the CPU")
+    if args.accelerator == "mps" and not torch.backends.mps.is_available():
+        p.error("argument --accelerator: mps (Apple silicon) is not available here; use --accelerator cpu")
     args.accelerator = args.accelerator or "cpu"
     args.devices = args.devices or 1
     on_cpu = args.accelerator == "cpu" or (args.accelerator == "auto" and not torch.cuda.is_available())

@@ -91,6 +91,12 @@ def test_gpus_without_cuda_exits_2(workdir, capsys, argv):
     assert list(workdir.iterdir()) == []
 
 
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="checks the machine without MPS")
+def test_mps_where_there_is_none_exits_2(workdir, capsys):
+    assert_one_line_error(main_in_process(capsys, "--accelerator", "mps"), "--accelerator", "mps")
+    assert list(workdir.iterdir()) == []
+
+
 def test_logdir_that_is_a_file(workdir, capsys):
     (workdir / "taken").write_text("x")
     assert_one_line_error(main_in_process(capsys, "--logdir", "taken"), "--logdir")
