@@ -686,7 +686,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.precision, args.precision_reason = auto_precision(args.accelerator, cpu_flags())
     else:
         args.precision_reason = "--precision"
+    stored = args.val_samples + (args.train_samples if args.fixed_data else 0)  # rows kept, a byte a feature
+    if stored * args.features > available_memory_bytes():
+        p.error(f"argument {'--train-samples' if args.fixed_data else '--val-samples'}: the stored rows "
+                f"({stored} of {args.features} features) need {stored * args.features / 1e9:.1f} GB, more than "
+                f"the {available_memory_bytes() / 1e9:.1f} GB of memory available")
 
+    if not args.logdir:
+        p.error("argument --logdir: expected a folder, got ''")
     if os.path.exists(args.logdir) and not os.path.isdir(args.logdir):
         p.error(f"argument --logdir: {args.logdir!r} is a file, not a folder")
     parent = args.logdir if os.path.isdir(args.logdir) else os.path.dirname(os.path.abspath(args.logdir))

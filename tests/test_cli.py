@@ -61,6 +61,7 @@ BAD = [
     (["--max-time", "m10"], "--max-time"),
     (["--lr-decay-epochs", "0"], "--lr-decay-epochs"),
     (["--fresh-data"], "--fresh-data"),  # fresh rows are the default; --fixed-data is the other mode
+    (["--logdir", ""], "--logdir"),
 ]
 
 
@@ -74,6 +75,17 @@ def test_max_time_reads_as_a_person_types_it(text, seconds):
 def test_bad_values_exit_2_with_one_line_and_write_nothing(workdir, capsys, argv, flag):
     assert_one_line_error(main_in_process(capsys, *TINY, *argv), flag)
     assert list(workdir.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv,flag", [([], "--val-samples"), (["--fixed-data"], "--train-samples")],
+                         ids=["validation rows", "fixed set"])
+def test_rows_that_cannot_fit_in_memory_exit_2(workdir, capsys, monkeypatch, argv, flag):
+    # TINY stores 500 validation rows of 32 features (16000 bytes), and with --fixed-data 4000 more.
+    monkeypatch.setattr(train, "available_memory_bytes", lambda: 16000 + (128000 if argv else 0) - 1)
+    assert_one_line_error(main_in_process(capsys, *TINY, *argv), flag, "GB of memory available")
+    assert list(workdir.iterdir()) == []
+    monkeypatch.setattr(train, "available_memory_bytes", lambda: 16000 + (128000 if argv else 0))
+    assert train.parse_args([*TINY, *argv]).features == 32  # exactly fits
 
 
 def test_a_bad_value_from_the_shell(workdir):
