@@ -275,6 +275,8 @@ def main(argv=None) -> int:
         logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # milestones only on stdout
         warnings.filterwarnings("ignore", ".*does not have many workers.*")  # in-memory data needs none
         warnings.filterwarnings("ignore", ".*LeafSpec.*is deprecated")  # Lightning 2.6's call into torch 2.13
+        warnings.filterwarnings("ignore", "Checkpoint directory .* is not empty")  # a resume writes on in it
+        warnings.filterwarnings("ignore", ".*smaller than the logging interval")  # train_loss_epoch: every epoch
 
         datamodule = SumSignDataModule(args.train_samples, args.val_samples, args.features, args.seed,
                                        args.batch_size, args.fixed_data)
