@@ -65,6 +65,8 @@ PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
 NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs with bf16 matmul units
 MEMORY_FRACTION = 0.5  # of the RAM available when tuning starts that batches may use
 AVERAGING_GAMMA = 1  # the averaged weights span about the last half of the steps
+# The lr taken is the LR finder's lowest-loss lr over this (fastai's rule; Lightning's suggestion: docs/design.md).
+LR_BELOW_LOWEST_LOSS = 10
 SIGNAL_GRACE_SECONDS = 10  # a signal whose handler has not run by then ends the process (the main thread waits in C++)
 # What --resume must find unchanged: every other flag either may change or is taken from the checkpoint.
 RUN_DEFINING_FLAGS = ("features", "hidden", "seed", "train_samples", "val_samples", "fixed_data", "precision",
@@ -398,15 +400,27 @@ def scale_batch_size(tuner: Tuner, model, datamodule, args, logger, world_size: 
 
 
 def find_lr(tuner: Tuner, model, datamodule, args, logger) -> None:
-    finder = tuner.lr_find(model, datamodule=datamodule, num_training=args.lr_find_steps)
-    if finder is None or finder.suggestion() is None:
+    finder = tuner.lr_find(model, datamodule=datamodule, num_training=args.lr_find_steps, update_attr=False)
+    results = finder.results if finder else {"lr": [], "loss": []}
+    results["loss"] = unbiased(results["loss"])  # the plot shows them too
+    points = [(loss, lr) for lr, loss in zip(results["lr"], results["loss"]) if math.isfinite(loss)]
+    if not points:
         say(f"LR finder could not suggest a learning rate; keeping --lr {args.lr:g}")
         model.hparams.lr = args.lr
         return
-    figure = finder.plot(suggest=True)
+    model.hparams.lr = min(points)[1] / LR_BELOW_LOWEST_LOSS
+    figure = finder.plot()
+    figure.axes[0].axvline(model.hparams.lr, color="red", linestyle="--", label=f"taken: {model.hparams.lr:.3g}")
+    figure.axes[0].legend()
     os.makedirs(logger.log_dir, exist_ok=True)
     figure.savefig(os.path.join(logger.log_dir, "lr_finder.png"))
     logger.experiment.add_figure("lr_finder", figure)
+
+
+def unbiased(losses: list[float], beta: float = 0.98) -> list[float]:
+    """The LR finder's smoothed losses, bias-corrected: step k's average holds k + 1 losses, but Lightning
+    corrects it as for k + 2, which lowers the first points."""
+    return [loss * (1 - beta ** (k + 2)) / (1 - beta ** (k + 1)) for k, loss in enumerate(losses)]
 
 
 def log_hyperparameters(logger: TensorBoardLogger, args, model: SumSignModel) -> None:
