@@ -703,10 +703,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     else:
         args.precision_reason = "--precision"
     stored = args.val_samples + (args.train_samples if args.fixed_data else 0)  # rows kept, a byte a feature
-    if stored * args.features > available_memory_bytes():
+    available = available_memory_bytes()
+    if stored * args.features > available:
         p.error(f"argument {'--train-samples' if args.fixed_data else '--val-samples'}: the stored rows "
                 f"({stored} of {args.features} features) need {stored * args.features / 1e9:.1f} GB, more than "
-                f"the {available_memory_bytes() / 1e9:.1f} GB of memory available")
+                f"the {available / 1e9:.1f} GB of memory available")
 
     if not args.logdir:
         p.error("argument --logdir: expected a folder, got ''")
