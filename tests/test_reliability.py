@@ -128,17 +128,23 @@ def test_a_one_process_run_sets_nothing_for_other_runs(workdir):
     assert set(added) <= {"PL_GLOBAL_SEED", "PL_SEED_WORKERS"}, added  # Lightning's seed_everything, none of ours
 
 
-def test_a_checkpoint_written_in_the_background_is_the_state_when_saved_and_survives_a_ctrl_c(tmp_path, monkeypatch):
+@pytest.fixture
+def held_writes(monkeypatch) -> threading.Event:
+    """CheckpointWriter's thread writes only once the test sets the event returned."""
     release, write = threading.Event(), train.CheckpointWriter._write
 
-    def held_write(*args):  # the thread writes only once the test lets it
+    def held_write(*args):
         release.wait(30)
         write(*args)
 
+    monkeypatch.setattr(train.CheckpointWriter, "_write", staticmethod(held_write))
+    return release
+
+
+def test_a_checkpoint_written_in_the_background_is_the_state_when_saved_and_survives_a_ctrl_c(tmp_path, held_writes):
     def ctrl_c(signum, frame):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train.CheckpointWriter, "_write", staticmethod(held_write))
     writer, weights_now, path = train.CheckpointWriter(), torch.ones(3), tmp_path / "last.ckpt"
     writer.save_checkpoint({"w": weights_now}, str(path))
     weights_now.add_(1)  # training goes on while the file is written
@@ -150,25 +156,18 @@ def test_a_checkpoint_written_in_the_background_is_the_state_when_saved_and_surv
     finally:
         signal.signal(signal.SIGALRM, previous)
     assert not path.exists()
-    release.set()
+    held_writes.set()
     writer.teardown()  # Lightning tears down again: it still waits for that write
     assert torch.equal(torch.load(path)["w"], torch.ones(3))
 
 
-def test_an_epoch_s_checkpoints_queue_without_waiting_and_the_next_epoch_s_wait(tmp_path, monkeypatch):
-    release, write = threading.Event(), train.CheckpointWriter._write
-
-    def held_write(*args):  # the thread writes only once the test lets it
-        release.wait(30)
-        write(*args)
-
+def test_an_epoch_s_checkpoints_queue_without_waiting_and_the_next_epoch_s_wait(tmp_path, held_writes):
     def in_thread(work) -> threading.Thread:
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
         thread.join(timeout=2)
         return thread
 
-    monkeypatch.setattr(train.CheckpointWriter, "_write", staticmethod(held_write))
     writer, state = train.CheckpointWriter(), {"w": torch.ones(3)}
     (tmp_path / "best-epoch=0.ckpt").write_bytes(b"old best")
 
@@ -180,7 +179,7 @@ def test_an_epoch_s_checkpoints_queue_without_waiting_and_the_next_epoch_s_wait(
     assert not in_thread(improving_epoch).is_alive()  # training did not wait for the best file's write
     next_epoch = in_thread(lambda: writer.save_checkpoint(state, str(tmp_path / "best-epoch=2.ckpt")))
     assert next_epoch.is_alive()  # the next epoch's first write waits: one epoch's copies at most
-    release.set()
+    held_writes.set()
     next_epoch.join(timeout=30)
     writer.teardown()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best-epoch=1.ckpt", "best-epoch=2.ckpt", "last.ckpt"]
