@@ -60,8 +60,6 @@ from torchmetrics.classification import BinaryAccuracy
 
 # A feature is one int8 code k from random bits, served as (2k + 1) / 256: 256 evenly spaced values
 # in (-1, 1), one byte each, and an exact label: the row sums to > 0 when 2 * sum(k) + features > 0.
-GENERATION_CHUNK_ROWS = 1024  # rows drawn at a time: bounds the int32 temporaries of the label sums
-PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
 NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs with bf16 matmul units
 MEMORY_FRACTION = 0.5  # of the RAM available when tuning starts that batches may use
 AVERAGING_GAMMA = 1  # the averaged weights span about the last half of the steps
@@ -80,60 +78,34 @@ def random_stream(device, *key) -> torch.Generator:
     return torch.Generator(device).manual_seed(int.from_bytes(digest, "little"))
 
 
-def random_codes(rows: int, features: int, generator: torch.Generator) -> torch.Tensor:
-    bits = torch.empty(-(-rows * features // 8), dtype=torch.int64, device=generator.device)
-    bits.random_(-(2**63), None, generator=generator)  # all 64 bits uniform
-    return bits.view(torch.int8)[: rows * features].view(rows, features)
-
-
-def values(codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return codes.to(dtype).mul_(2 / 256).add_(1 / 256)  # (2k + 1) / 256: exact in float32, bf16 and float16
-
-
-def labels(codes: torch.Tensor) -> torch.Tensor:
-    return (2 * codes.sum(1, dtype=torch.int32) + codes.shape[1] > 0).float()
-
-
-class SumSignDataset(Dataset):
-    """A fixed split of `samples` rows, labelled 1.0 where they sum to > 0: a function of (seed, split) alone."""
-
-    def __init__(self, samples: int, features: int, seed: int, split: str):
-        generator = random_stream("cpu", seed, split)
-        self.codes = torch.empty(samples, features, dtype=torch.int8)
-        self.labels = torch.empty(samples)
-        self.dtype = torch.float32  # of the values served
-        for start in range(0, samples, GENERATION_CHUNK_ROWS):
-            codes = random_codes(min(GENERATION_CHUNK_ROWS, samples - start), features, generator)
-            self.codes[start : start + len(codes)] = codes
-            self.labels[start : start + len(codes)] = labels(codes)
-
-    def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> "SumSignDataset":
-        self.codes, self.labels, self.dtype = self.codes.to(device), self.labels.to(device), dtype
-        return self
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rows at the indices `rows`, a tensor on the data's device: one gather there."""
-        return values(self.codes.index_select(0, rows), self.dtype), self.labels.index_select(0, rows)
-
-
-class FreshRows(Dataset):
-    """One rank's new rows of one epoch, drawn on `device` batch by batch and never stored; the batch
-    at [start, stop) is a function of (seed, epoch, rank, start), so a rerun or a resume draws the same.
+class SumSignRows(Dataset):
+    """`rows` rows of `features` values, labelled 1.0 where they sum to > 0, served a batch at a time. The
+    rows from `start` on are a function of (key, start) alone, so a rerun or a resume draws the same. They
+    are drawn on `device` when asked for and never kept, or, `stored`, drawn once on the CPU (the same on
+    every device) and kept on `device` as int8 codes, a byte a feature.
     """
 
-    def __init__(self, rows: int, features: int, key: tuple, device: torch.device, dtype: torch.dtype):
+    def __init__(self, rows: int, features: int, key: tuple, device="cpu", dtype=torch.float32, stored=False):
         self.rows, self.features, self.key, self.device, self.dtype = rows, features, key, device, dtype
+        self.codes = self.draw(slice(0, rows), "cpu").to(device) if stored else None
+
+    def draw(self, positions: slice, device=None) -> torch.Tensor:
+        """The int8 codes of the rows at `positions`, from random bits."""
+        generator = random_stream(device or self.device, *self.key, positions.start)
+        size = len(range(self.rows)[positions]) * self.features
+        bits = torch.empty(-(-size // 8), dtype=torch.int64, device=generator.device)
+        bits.random_(-(2**63), None, generator=generator)  # all 64 bits uniform
+        return bits.view(torch.int8)[:size].view(-1, self.features)
 
     def __len__(self) -> int:
         return self.rows
 
-    def __getitem__(self, positions: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        generator = random_stream(self.device, *self.key, positions.start)
-        codes = random_codes(len(range(self.rows)[positions]), self.features, generator)
-        return values(codes, self.dtype), labels(codes)
+    def __getitem__(self, positions: slice | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows at a slice of positions or, stored, at a tensor of indices on `device`: one gather."""
+        codes = self.draw(positions) if self.codes is None else self.codes.index_select(0, positions)
+        x = codes.to(self.dtype).mul_(2 / 256).add_(1 / 256)  # (2k + 1) / 256: exact in float32, bf16 and float16
+        y = (2 * codes.sum(1, dtype=torch.int32) + self.features > 0).float()  # sum(x) > 0, in integers
+        return x, y
 
 
 class SumSignDataModule(pl.LightningDataModule):
@@ -148,9 +120,10 @@ class SumSignDataModule(pl.LightningDataModule):
         if self.val_set is not None:  # the tuners and fit each call setup(): draw the data once
             return
         hp, device = self.hparams, self.trainer.strategy.root_device  # the data lives where training runs
-        self.val_set = SumSignDataset(hp.val_samples, hp.features, hp.seed, "val").to(device, self.dtype)
+        self.val_set = SumSignRows(hp.val_samples, hp.features, (hp.seed, "val"), device, self.dtype, stored=True)
         if hp.fixed_data:
-            self.train_set = SumSignDataset(hp.train_samples, hp.features, hp.seed, "train").to(device, self.dtype)
+            self.train_set = SumSignRows(hp.train_samples, hp.features, (hp.seed, "train"), device, self.dtype,
+                                         stored=True)
 
     def _shard(self, order: torch.Tensor) -> torch.Tensor:
         # As DistributedSampler does: pad by repeating rows, so every rank gets as many batches.
@@ -174,13 +147,13 @@ class SumSignDataModule(pl.LightningDataModule):
         if not hp.fixed_data:
             rows = -(-hp.train_samples // self.trainer.world_size)  # per rank, as _shard pads
             key = (hp.seed, "train", epoch, self.trainer.global_rank)
-            return self._loader(FreshRows(rows, hp.features, key, device, self.dtype))
+            return self._loader(SumSignRows(rows, hp.features, key, device, self.dtype))
         generator = random_stream(device, hp.seed, "order", epoch)
         order = torch.randperm(hp.train_samples, generator=generator, device=device)
         return self._loader(Subset(self.train_set, self._shard(order)))  # a slice of order picks a batch
 
     def val_dataloader(self) -> DataLoader:
-        order = torch.arange(len(self.val_set), device=self.val_set.labels.device)
+        order = torch.arange(len(self.val_set), device=self.val_set.codes.device)
         return self._loader(Subset(self.val_set, self._shard(order)))
 
 
@@ -392,10 +365,8 @@ def scale_batch_size(tuner: Tuner, model, datamodule, args, logger, world_size: 
     found = tuner.scale_batch_size(model, datamodule=datamodule, mode="power", init_val=start,
                                    max_trials=doublings + 1, max_val=2 * max_val)
     reason = reason if found >= max_val else "largest size that ran"
-    rows = [f"| {name} | {size} |" for name, size in bounds.items()]
-    logger.experiment.add_text("batch_size_search", "\n".join(
-        ["| bound | largest batch it allows |", "| --- | --- |", *rows,
-         f"| **chosen** (searched {start} to {max_val} by doubling) | **{found}**, stopped by: {reason} |"]))
+    logger.experiment.add_text("batch_size_search", f"largest batch each bound allows: {bounds}; searched {start} "
+                               f"to {max_val} by doubling; chosen: {found}, stopped by: {reason}")
     return reason
 
 
@@ -527,7 +498,8 @@ class BestEpoch(Callback):
     def on_validation_end(self, trainer, pl_module):
         best, metrics = self.checkpoint.best_model_score, trainer.callback_metrics  # averaged over ranks
         if not trainer.sanity_checking and (best is None or metrics["val_acc"] > best):
-            self.val_loss = metrics["val_loss"].item()
+            loss = metrics["val_loss"].item()
+            self.val_loss = loss if math.isfinite(loss) else None  # the report drops such weights
 
     def on_train_end(self, trainer, pl_module):  # before Lightning's teardown closes the event file
         if self.checkpoint.best_model_score is not None and self.val_loss is not None:
@@ -542,33 +514,25 @@ class BestEpoch(Callback):
 
 
 class TrainThroughput(Callback):
-    """Training samples per second from batch end to batch end, the first batch of each epoch left out
-    (Lightning's ThroughputMonitor synchronises the GPU after every batch).
+    """Training rows per second of each step, timed from the end of the one before (each epoch's first step
+    left out); logged as each epoch's median step. Lightning's ThroughputMonitor syncs the GPU every batch.
     """
 
     def __init__(self):
-        self.step_seconds, self.step_samples = [], []
+        self.rates, self.last, self.epoch_start = [], None, 0
 
     def on_train_epoch_start(self, trainer, pl_module):
-        self._last, self._epoch_start = None, len(self.step_seconds)
+        self.last, self.epoch_start = None, len(self.rates)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         now = time.perf_counter()
-        if self._last is not None:
-            self.step_seconds.append(now - self._last)
-            self.step_samples.append(len(batch[0]) * trainer.world_size)
-        self._last = now
+        if self.last is not None:
+            self.rates.append(len(batch[0]) * trainer.world_size / (now - self.last))
+        self.last = now
 
     def on_train_epoch_end(self, trainer, pl_module):
-        seconds = sum(self.step_seconds[self._epoch_start :])
-        if seconds > 0:
-            pl_module.log("train_samples_per_second", sum(self.step_samples[self._epoch_start :]) / seconds)
-
-    @property
-    def samples_per_second(self) -> float | None:
-        """Median over steps: one slow step (a checkpoint write, a noisy neighbour) does not move it."""
-        rates = [n / s for n, s in zip(self.step_samples, self.step_seconds)]
-        return statistics.median(rates) if rates else None
+        if self.rates[self.epoch_start :]:
+            pl_module.log("train_samples_per_second", statistics.median(self.rates[self.epoch_start :]))
 
 
 # --- Argument checks: one line and exit status 2 for anything a user can get wrong ------------
@@ -616,74 +580,60 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = OneLineParser(description="Train a sum-sign classifier with PyTorch Lightning.")
     count = bounded(int, 1, "an integer >= 1")
     hw = p.add_argument_group("hardware")
-    hw.add_argument("--gpus", type=bounded(int, -1, "an integer >= -1"), default=None,
-                    help="GPUs to train on: 0 = CPU, N = N GPUs, -1 = all; shorthand for "
-                         "--accelerator/--devices, not to be combined with them (default: unset)")
-    hw.add_argument("--accelerator", choices=("auto", "cpu", "gpu", "mps"), default=None,
-                    help="Lightning accelerator (default: cpu)")
-    hw.add_argument("--devices", type=devices_arg, default=None,
-                    help="devices per node: N >= 1, -1 for all, or auto (default: 1)")
+    hw.add_argument("--gpus", type=bounded(int, -1, "an integer >= -1"),
+                    help="GPUs to train on: 0 = CPU, N = N GPUs, -1 = all; sets --accelerator and --devices")
+    hw.add_argument("--accelerator", choices=("auto", "cpu", "gpu", "mps"), help="Lightning accelerator (default: cpu)")
+    hw.add_argument("--devices", type=devices_arg, help="devices per node: N >= 1, -1 for all, or auto (default: 1)")
     hw.add_argument("--num-nodes", type=count, default=1, help="machines in the job (default: 1)")
-    hw.add_argument("--precision", choices=PRECISIONS, default="auto",
-                    help="Lightning precision; auto = bf16-mixed where the hardware multiplies bf16 "
-                         "natively (CUDA GPUs that support it, CPUs with AMX or AVX512_BF16), else "
-                         "32-true, whose float32 matmuls use TF32 on GPUs (default: auto)")
+    hw.add_argument("--precision", choices=("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"), default="auto",
+                    help="Lightning precision; auto = bf16-mixed where the GPU or CPU (AMX, AVX512_BF16) multiplies "
+                         "bf16 natively, else 32-true, with TF32 matmuls on GPUs (default: auto)")
     hw.add_argument("--deterministic", action="store_true",
-                    help="deterministic GPU kernels: bit-identical GPU reruns, slower (CPU runs are "
-                         "reproducible without it)")
+                    help="deterministic GPU kernels: bit-identical GPU reruns, slower (CPU runs always are)")
     data = p.add_argument_group("data and model")
-    data.add_argument("--features", type=count, default=21000, help="features per sample (default: 21000)")
-    data.add_argument("--train-samples", type=count, default=43210,
-                      help="training samples per epoch (default: 43210)")
+    data.add_argument("--features", type=count, default=21000, help="features per row (default: 21000)")
+    data.add_argument("--train-samples", type=count, default=43210, help="training rows per epoch (default: 43210)")
     data.add_argument("--val-samples", type=count, default=10000,
-                      help="validation samples, never trained on, >= 1: early stopping watches val_acc on them, "
-                           "so they resolve it to 1 / N (default: 10000)")
+                      help="validation rows, never trained on; val_acc resolves to 1 / N (default: 10000)")
     data.add_argument("--fixed-data", action="store_true",
-                      help="train every epoch on one fixed set of --train-samples rows, as the article "
-                           "did: the model memorises it and stops near val_acc 0.8 (default: off, new rows "
-                           "every epoch, drawn on the training device: the model learns the rule)")
+                      help="train every epoch on one fixed set, as the article did: the model memorises it and "
+                           "stops near val_acc 0.8 (default: new rows every epoch, and the model learns the rule)")
     data.add_argument("--hidden", type=count, default=2048, help="width of the first layer (default: 2048)")
     data.add_argument("--seed", type=bounded(int, 0, "an integer >= 0"), default=42,
                       help="seed of the weights, the data and the shuffle (default: 42)")
     tune = p.add_argument_group("tuning")
     tune.add_argument("--batch-size", type=count, default=512,
-                      help="samples per step and device; where scaling starts, or the batch size "
-                           "when it is off (default: 512)")
+                      help="rows per step and device: where scaling starts, or the size without it (default: 512)")
     tune.add_argument("--lr", type=bounded(float, None, "a number > 0"), default=1e-6,
-                      help="Adam learning rate, used when the LR finder is off or cannot suggest "
-                           "(default: 1e-6)")
+                      help="Adam learning rate without the LR finder, or where it finds none (default: 1e-6)")
     tune.add_argument("--no-scale-batch-size", action="store_true", help="skip batch-size scaling")
     tune.add_argument("--no-lr-find", action="store_true", help="skip the learning-rate finder")
     tune.add_argument("--min-steps-per-epoch", type=count, default=64,
-                      help="batch-size scaling stops before an epoch would have fewer optimizer "
-                           "steps than this (default: 64)")
+                      help="scaling stops before an epoch would have fewer steps than this (default: 64)")
     tune.add_argument("--lr-find-steps", type=bounded(int, 2, "an integer >= 2"), default=60,
                       help="training steps the LR finder spends, one learning rate each (default: 60)")
     train = p.add_argument_group("training and output")
     train.add_argument("--max-epochs", type=count, default=100, help="upper bound on epochs (default: 100)")
-    train.add_argument("--max-time", type=duration_arg, default=None,
-                       help="training time after which the run ends at the end of the epoch, counted across "
-                            "resumes, tuning not counted; a number with d, h, m or s, e.g. 90s, 10m, 1h30m "
-                            "(default: none)")
+    train.add_argument("--max-time", type=duration_arg,
+                       help="training time, tuning aside and counted across resumes, after which the run ends at "
+                            "the end of the epoch: a number with d, h, m or s, e.g. 90s, 1h30m (default: none)")
     train.add_argument("--patience", type=bounded(int, 0, "an integer >= 0"), default=10,
                        help="epochs without a higher val_acc before early stopping (default: 10)")
     train.add_argument("--lr-decay-epochs", type=bounded(float, None, "a number > 0"), default=2.0,
-                       help="the learning rate after E epochs (counted in steps) is lr / (1 + E / N): halved "
-                            "after N epochs, a tenth after 9N (default: 2)")
-    train.add_argument("--logdir", default="lightning_logs",
-                       help="runs go to LOGDIR/version_N (default: lightning_logs)")
-    train.add_argument("--resume", metavar="CKPT", default=None,
-                       help="continue the run that wrote this checkpoint (its last.ckpt), in its folder, "
-                            "with its tuned batch size and lr (tuning is skipped); the flags that define "
-                            f"the run ({', '.join('--' + flag.replace('_', '-') for flag in RUN_DEFINING_FLAGS)}) "
+                       help="the lr after E epochs is lr / (1 + E / N), lowered every step (default: 2)")
+    train.add_argument("--logdir", default="lightning_logs", help="runs go to LOGDIR/version_N (default: %(default)s)")
+    train.add_argument("--resume", metavar="CKPT",
+                       help="continue the run that wrote this last.ckpt, in its folder, with its tuned batch size "
+                            "and lr; the flags that define the run "
+                            f"({', '.join('--' + flag.replace('_', '-') for flag in RUN_DEFINING_FLAGS)}) "
                             "must match it; --max-epochs, --max-time and the hardware flags may change")
     train.add_argument("--fast-dev-run", action="store_true",
                        help="one training and one validation batch, no tuning, no files: a smoke test")
     args = p.parse_args(argv)
 
-    if args.gpus is not None and (args.accelerator is not None or args.devices is not None):
-        p.error("argument --gpus: not allowed with --accelerator or --devices (it sets both)")
     if args.gpus is not None:
+        if args.accelerator is not None or args.devices is not None:
+            p.error("argument --gpus: not allowed with --accelerator or --devices (it sets both)")
         args.accelerator, args.devices = ("cpu", 1) if args.gpus == 0 else ("gpu", args.gpus)
     if args.accelerator == "gpu" and not torch.cuda.is_available():
         flag = "--accelerator gpu" if args.gpus is None else f"--gpus {args.gpus}"
@@ -691,30 +641,24 @@ def parse_args(argv=None) -> argparse.Namespace:
                 "use --gpus 0 to train on the CPU")
     if args.accelerator == "mps" and not torch.backends.mps.is_available():
         p.error("argument --accelerator: mps (Apple silicon) is not available here; use --accelerator cpu")
-    args.accelerator = args.accelerator or "cpu"
-    args.devices = args.devices or 1
+    args.accelerator, args.devices = args.accelerator or "cpu", args.devices or 1
     on_cpu = args.accelerator == "cpu" or (args.accelerator == "auto" and not torch.cuda.is_available())
     if on_cpu and args.devices == -1:
         p.error("argument --devices: -1 (all) counts GPUs; on the CPU give the number of processes")
     if on_cpu and args.precision == "16-mixed":
         p.error("argument --precision: 16-mixed needs a GPU; on the CPU use bf16-mixed or 32-true")
-    if args.precision == "auto":
-        args.precision, args.precision_reason = auto_precision(args.accelerator, cpu_flags())
-    else:
-        args.precision_reason = "--precision"
+    args.precision, args.precision_reason = (auto_precision(args.accelerator, cpu_flags())
+                                             if args.precision == "auto" else (args.precision, "--precision"))
     stored = args.val_samples + (args.train_samples if args.fixed_data else 0)  # rows kept, a byte a feature
     available = available_memory_bytes()
     if stored * args.features > available:
         p.error(f"argument {'--train-samples' if args.fixed_data else '--val-samples'}: the stored rows "
                 f"({stored} of {args.features} features) need {stored * args.features / 1e9:.1f} GB, more than "
                 f"the {available / 1e9:.1f} GB of memory available")
-
     if not args.logdir:
         p.error("argument --logdir: expected a folder, got ''")
-    if os.path.exists(args.logdir) and not os.path.isdir(args.logdir):
-        p.error(f"argument --logdir: {args.logdir!r} is a file, not a folder")
-    parent = args.logdir if os.path.isdir(args.logdir) else os.path.dirname(os.path.abspath(args.logdir))
-    while not os.path.exists(parent):
+    parent = os.path.abspath(args.logdir)
+    while not os.path.exists(parent):  # the nearest existing folder must take new ones
         parent = os.path.dirname(parent)
     try:  # os.access() says yes to root everywhere; making (and removing) a folder is the test
         tempfile.TemporaryDirectory(dir=parent).cleanup()
@@ -909,11 +853,12 @@ def report(args, trainer: pl.Trainer, seconds: dict, interrupted_by: int | None 
         return 1 if ended == "diverged" else 0
     model, (best_checkpoint, last_checkpoint) = trainer.lightning_module, trainer.checkpoint_callbacks
     best_path = saved_path(best_checkpoint)
-    best_val_loss = finite_or_none(callback(trainer, BestEpoch).val_loss)
+    best_val_loss = callback(trainer, BestEpoch).val_loss
     if best_path and best_val_loss is None:
         os.remove(best_path)  # it holds the weights of a non-finite val_loss: no model worth keeping
         best_path = ""
-    run_dir = trainer.logger.log_dir
+    run_dir, rates = trainer.logger.log_dir, callback(trainer, TrainThroughput).rates
+    rss_unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in KiB on Linux, bytes on macOS
     summary = {
         "batch_size": model.hparams.batch_size,
         "lr": model.hparams.lr,
@@ -929,8 +874,8 @@ def report(args, trainer: pl.Trainer, seconds: dict, interrupted_by: int | None 
         "checkpoint": best_path or None,
         "last_checkpoint": saved_path(last_checkpoint) or None,
         **seconds,
-        "train_samples_per_second": callback(trainer, TrainThroughput).samples_per_second,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "train_samples_per_second": statistics.median(rates) if rates else None,  # one slow step moves it not
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * rss_unit,
         "peak_gpu_memory_bytes": (torch.cuda.max_memory_allocated() if trainer.strategy.root_device.type == "cuda"
                                   else None),
     }
@@ -951,15 +896,6 @@ def report(args, trainer: pl.Trainer, seconds: dict, interrupted_by: int | None 
 def saved_path(checkpoint: ModelCheckpoint) -> str:
     """Absolute path of the file a ModelCheckpoint last kept, or "" if it has kept none."""
     return checkpoint.best_model_path and os.path.abspath(checkpoint.best_model_path)
-
-
-def finite_or_none(value):
-    return value if value is None or math.isfinite(value) else None
-
-
-def peak_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
 
 
 @rank_zero_only

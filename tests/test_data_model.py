@@ -8,11 +8,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import train
 from conftest import TINY
-from train import SumSignDataModule, SumSignDataset, SumSignModel
+from train import SumSignDataModule, SumSignModel, SumSignRows
 
 
 def test_labels_say_whether_the_features_sum_above_zero():
-    data = SumSignDataset(3000, 32, seed=0, split="train")
+    data = SumSignRows(3000, 32, (0, "train"), stored=True)
     x, y = data[torch.arange(len(data))]
     assert x.shape == (3000, 32) and y.shape == (3000,)
     assert x.min() > -1 and x.max() < 1
@@ -25,26 +25,29 @@ def test_labels_say_whether_the_features_sum_above_zero():
 
 
 def test_batch_fetch_matches_single_rows():
-    data = SumSignDataset(100, 16, seed=1, split="val")
+    data = SumSignRows(100, 16, (1, "val"), stored=True)
     xb, yb = data[torch.tensor([5, 0, 99])]
     for row, i in enumerate([5, 0, 99]):
         x, y = data[torch.tensor([i])]
         assert torch.equal(xb[row], x[0]) and yb[row] == y[0]
 
 
-def test_each_split_is_a_pure_function_of_seed_and_split():
-    a = SumSignDataset(500, 24, seed=7, split="train")
-    b = SumSignDataset(500, 24, seed=7, split="train")
-    assert torch.equal(a.codes, b.codes) and torch.equal(a.labels, b.labels)
+def test_each_split_is_a_pure_function_of_its_key():
+    a = SumSignRows(500, 24, (7, "train"), stored=True)
+    b = SumSignRows(500, 24, (7, "train"), stored=True)
+    assert torch.equal(a.codes, b.codes)
     torch.manual_seed(123)  # the global RNG has no say
-    c = SumSignDataset(500, 24, seed=7, split="train")
+    c = SumSignRows(500, 24, (7, "train"), stored=True)
     assert torch.equal(a.codes, c.codes)
-    val = SumSignDataset(500, 24, seed=7, split="val")
-    other_seed = SumSignDataset(500, 24, seed=8, split="train")
+    val = SumSignRows(500, 24, (7, "val"), stored=True)
+    other_seed = SumSignRows(500, 24, (8, "train"), stored=True)
     assert not torch.equal(a.codes, val.codes)
     assert not torch.equal(a.codes, other_seed.codes)
-    # a shorter split is a prefix of a longer one drawn with the same seed
-    assert torch.equal(SumSignDataset(300, 24, seed=7, split="train").codes, a.codes[:300])
+    # a shorter split is a prefix of a longer one drawn with the same key
+    assert torch.equal(SumSignRows(300, 24, (7, "train"), stored=True).codes, a.codes[:300])
+    # drawn when asked for, a batch is the same rows as stored
+    x, y = SumSignRows(500, 24, (7, "train"))[0:200]
+    assert torch.equal(x, a[torch.arange(200)][0]) and torch.equal(y, a[torch.arange(200)][1])
 
 
 def datamodule_at(epoch, fresh_data, rank=0, world_size=1, samples=1000, batch_size=64, precision="32-true"):

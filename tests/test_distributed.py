@@ -58,7 +58,7 @@ def check_one_run(workdir, stdout, stderr, world_size=2):
     # 4000 samples over 2 ranks: at least 64 steps an epoch on each
     assert s["batch_size"] <= 2000 // 64 and s["best_val_acc"] >= 0.88  # 5 epochs: the average lags the rule
     model = train.SumSignModel.load_from_checkpoint(s["checkpoint"], map_location="cpu").eval()
-    x, y = train.SumSignDataset(2000, 32, seed=1234, split="never seen")[torch.arange(2000)]
+    x, y = train.SumSignRows(2000, 32, (1234, "never seen"), stored=True)[torch.arange(2000)]
     with torch.no_grad():
         accuracy = ((model(x) > 0.5).float() == y).float().mean().item()
     assert accuracy >= 0.88

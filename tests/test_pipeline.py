@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 import train
 from conftest import MAX_EPOCHS, ROOT, TINY, WIDE, run_train, summary
-from train import SumSignDataset, SumSignModel
+from train import SumSignModel, SumSignRows
 
 
 def test_run_folder_holds_checkpoints_plot_and_summary(default_run):
@@ -119,7 +119,7 @@ def test_early_stopping_ends_a_run_once_val_acc_stops_rising(workdir, data):
 def test_the_checkpoints_hold_the_averaged_weights_that_were_validated(workdir):
     run_train(*TINY, "--precision", "32-true", "--max-epochs", "4", "--patience", "1", cwd=workdir)
     s = summary(workdir / "lightning_logs" / "version_0")
-    x, y = SumSignDataset(500, 32, 42, "val")[torch.arange(500)]
+    x, y = SumSignRows(500, 32, (42, "val"), stored=True)[torch.arange(500)]
     for path, accuracies in ((s["checkpoint"], [s["best_val_acc"]]), (s["last_checkpoint"], None)):
         model = SumSignModel.load_from_checkpoint(path, map_location="cpu")
         with torch.no_grad():
