@@ -58,8 +58,6 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 
-# A feature is one int8 code k from random bits, served as (2k + 1) / 256: 256 evenly spaced values
-# in (-1, 1), one byte each, and an exact label: the row sums to > 0 when 2 * sum(k) + features > 0.
 NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs with bf16 matmul units
 MEMORY_FRACTION = 0.5  # of the RAM available when tuning starts that batches may use
 AVERAGING_GAMMA = 1  # the averaged weights span about the last half of the steps
@@ -79,10 +77,12 @@ def random_stream(device, *key) -> torch.Generator:
 
 
 class SumSignRows(Dataset):
-    """`rows` rows of `features` values, labelled 1.0 where they sum to > 0, served a batch at a time. The
-    rows from `start` on are a function of (key, start) alone, so a rerun or a resume draws the same. They
-    are drawn on `device` when asked for and never kept, or, `stored`, drawn once on the CPU (the same on
-    every device) and kept on `device` as int8 codes, a byte a feature.
+    """`rows` rows of `features` values, labelled 1.0 where they sum to > 0, served a batch at a time.
+
+    A value is an int8 code k from random bits, served as (2k + 1) / 256: 256 evenly spaced values in
+    (-1, 1). The rows from `start` on are a function of (key, start) alone, so a rerun or a resume draws
+    the same. They are drawn on `device` when asked for and never kept, or, `stored`, drawn once on the
+    CPU (the same on every device) and kept on `device` as codes, a byte a feature.
     """
 
     def __init__(self, rows: int, features: int, key: tuple, device="cpu", dtype=torch.float32, stored=False):
@@ -265,7 +265,7 @@ def main(argv=None) -> int:
         # Accuracy, not the loss: on fresh rows val_loss creeps down long after val_acc stops rising.
         early_stopping = ResumableEarlyStopping(monitor="val_acc", mode="max", patience=args.patience)
         divergence = EarlyStopping(monitor="val_loss", patience=math.inf, check_finite=True)  # NaN or inf only
-        tuned = TunedValues(None)
+        tuned = TunedValues()
         trainer = make_trainer(
             args, devices=args.devices, num_nodes=args.num_nodes, max_epochs=args.max_epochs, logger=logger,
             callbacks=[best_checkpoint, last_checkpoint, early_stopping, divergence, BestEpoch(best_checkpoint),
@@ -408,8 +408,8 @@ class TunedValues(Callback):
     (tuning ran before it, so the tuners wait on no rank); keeps the precision in checkpoints.
     """
 
-    def __init__(self, values: dict | None):
-        self.values = values
+    def __init__(self):
+        self.values = None  # main() sets them on rank 0 (or from the checkpoint on --resume)
 
     def setup(self, trainer, pl_module, stage):
         self.values = trainer.strategy.broadcast(self.values)
@@ -674,8 +674,7 @@ def checkpoint_hparams(p: OneLineParser, args: argparse.Namespace) -> dict:
     if not os.path.isfile(args.resume):
         p.error(f"argument --resume: no such file: {args.resume!r}")
     try:
-        # weights_only=False: Lightning checkpoints hold plain Python objects (hparams, callback
-        # state) beside the tensors; this is the user's own file. mmap: read no weights here.
+        # The user's own file, whose hparams and callback states are Python objects; mmap: no weights read.
         checkpoint = torch.load(args.resume, map_location="cpu", mmap=True, weights_only=False)
         hparams = {**checkpoint["datamodule_hyper_parameters"], **checkpoint["hyper_parameters"]}
         if "state_dict" not in checkpoint or "loops" not in checkpoint:
@@ -799,7 +798,9 @@ class StopOnSignal(Callback):
 
     def line(self) -> str:
         last = self.last_checkpoint and saved_path(self.last_checkpoint)
-        then = f"resume with: {self.launcher} {resume_arguments(self.argv, last)}" if last else (
+        argv = [a for i, a in enumerate(self.argv)  # this run's arguments, less any --resume
+                if not (a.startswith("--resume") or i and self.argv[i - 1] == "--resume")]
+        then = f"resume with: {self.launcher} {shlex.join([*argv, '--resume', last])}" if last else (
             "no epoch had completed, so there is nothing to resume: run the same command to start over")
         return f"\ninterrupted by {signal.Signals(self.signum).name} during {self.phase}; {then}"
 
@@ -815,12 +816,6 @@ class StopOnSignal(Callback):
             signal.signal(sig, handler)
         signal.set_wakeup_fd(self.previous_wakeup)
         os.close(self.wakeup)
-
-
-def resume_arguments(argv: list[str], last_ckpt: str) -> str:
-    """The arguments this run was started with, with --resume pointing at `last_ckpt`."""
-    kept = [a for i, a in enumerate(argv) if not (a.startswith("--resume") or i and argv[i - 1] == "--resume")]
-    return shlex.join([*kept, "--resume", last_ckpt])
 
 
 # --- The report: summary.json and the milestones, from rank 0 ---------------------------------
