@@ -589,7 +589,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="Lightning precision; auto = bf16-mixed where the GPU or CPU (AMX, AVX512_BF16) multiplies "
                          "bf16 natively, else 32-true, with TF32 matmuls on GPUs (default: auto)")
     hw.add_argument("--deterministic", action="store_true",
-                    help="deterministic GPU kernels: bit-identical GPU reruns, slower (CPU runs always are)")
+                    help="deterministic GPU kernels: bit-identical GPU reruns, slower (CPU reruns are anyway)")
     data = p.add_argument_group("data and model")
     data.add_argument("--features", type=count, default=21000, help="features per row (default: 21000)")
     data.add_argument("--train-samples", type=count, default=43210, help="training rows per epoch (default: 43210)")
@@ -620,7 +620,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--patience", type=bounded(int, 0, "an integer >= 0"), default=10,
                        help="epochs without a higher val_acc before early stopping (default: 10)")
     train.add_argument("--lr-decay-epochs", type=bounded(float, None, "a number > 0"), default=2.0,
-                       help="the lr after E epochs is lr / (1 + E / N), lowered every step (default: 2)")
+                       help="the lr after E epochs is lr / (1 + E / N), set every step: halved after N (default: 2)")
     train.add_argument("--logdir", default="lightning_logs", help="runs go to LOGDIR/version_N (default: %(default)s)")
     train.add_argument("--resume", metavar="CKPT",
                        help="continue the run that wrote this last.ckpt, in its folder, with its tuned batch size "
