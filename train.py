@@ -88,6 +88,8 @@ class SumSignRows(Dataset):
     def __init__(self, rows: int, features: int, key: tuple, device="cpu", dtype=torch.float32, stored=False):
         self.rows, self.features, self.key, self.device, self.dtype = rows, features, key, device, dtype
         self.codes = self.draw(slice(0, rows), "cpu").to(device) if stored else None
+        # Labels kept too, as a batch's int8 row sums are slow on a CPU; chunks bound the int32 temporaries.
+        self.labels = torch.cat([self.label(chunk) for chunk in self.codes.split(1024)]) if stored else None
 
     def draw(self, positions: slice, device=None) -> torch.Tensor:
         """The int8 codes of the rows at `positions`, from random bits."""
@@ -100,12 +102,17 @@ class SumSignRows(Dataset):
     def __len__(self) -> int:
         return self.rows
 
+    def label(self, codes: torch.Tensor) -> torch.Tensor:
+        return (2 * codes.sum(1, dtype=torch.int32) + self.features > 0).float()  # sum(x) > 0, in integers
+
     def __getitem__(self, positions: slice | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows at a slice of positions or, stored, at a tensor of indices on `device`: one gather."""
-        codes = self.draw(positions) if self.codes is None else self.codes.index_select(0, positions)
-        x = codes.to(self.dtype).mul_(2 / 256).add_(1 / 256)  # (2k + 1) / 256: exact in float32, bf16 and float16
-        y = (2 * codes.sum(1, dtype=torch.int32) + self.features > 0).float()  # sum(x) > 0, in integers
-        return x, y
+        if self.codes is None:
+            codes = self.draw(positions)
+            y = self.label(codes)
+        else:
+            codes, y = self.codes.index_select(0, positions), self.labels.index_select(0, positions)
+        return codes.to(self.dtype).mul_(2 / 256).add_(1 / 256), y  # (2k + 1) / 256: exact in bf16 and float16
 
 
 class SumSignDataModule(pl.LightningDataModule):
