@@ -538,8 +538,9 @@ class TrainThroughput(Callback):
         self.last = now
 
     def on_train_epoch_end(self, trainer, pl_module):
-        if self.rates[self.epoch_start :]:
-            pl_module.log("train_samples_per_second", statistics.median(self.rates[self.epoch_start :]))
+        epoch_rates = self.rates[self.epoch_start :]
+        if epoch_rates:
+            pl_module.log("train_samples_per_second", statistics.median(epoch_rates))
 
 
 # --- Argument checks: one line and exit status 2 for anything a user can get wrong ------------

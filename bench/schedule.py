@@ -35,6 +35,7 @@ VARIANTS = {  # name: (what changes, the averaging's gamma, train.py flags)
        for lr in ("2.5e-4", "1e-3", "2e-3", "4e-3")},
 }
 
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--features", type=int, default=2100)
