@@ -658,11 +658,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.precision, args.precision_reason = (auto_precision(args.accelerator, cpu_flags())
                                              if args.precision == "auto" else (args.precision, "--precision"))
     stored = args.val_samples + (args.train_samples if args.fixed_data else 0)  # rows kept, a byte a feature
+    parameters = (args.features + 2) * args.hidden + 1
+    processes = args.devices if on_cpu and args.devices != "auto" else 1  # on this node
+    # On the CPU 40 bytes a parameter: weights, gradients, Adam's moments, the average, a checkpoint's copies.
+    needs = {"--train-samples" if args.fixed_data else "--val-samples": processes * stored * args.features,
+             "--hidden": processes * parameters * (40 if on_cpu else 4)}
     available = available_memory_bytes()
-    if stored * args.features > available:
-        p.error(f"argument {'--train-samples' if args.fixed_data else '--val-samples'}: the stored rows "
-                f"({stored} of {args.features} features) need {stored * args.features / 1e9:.1f} GB, more than "
-                f"the {available / 1e9:.1f} GB of memory available")
+    if sum(needs.values()) > available:
+        p.error(f"argument {max(needs, key=needs.get)}: {stored} stored rows of {args.features} features and "
+                f"{parameters} parameters need {sum(needs.values()) / 1e9:.1f} GB in {processes} process(es), "
+                f"more than the {available / 1e9:.1f} GB of memory available")
     if not args.logdir:
         p.error("argument --logdir: expected a folder, got ''")
     parent = os.path.abspath(args.logdir)

@@ -77,14 +77,20 @@ def test_bad_values_exit_2_with_one_line_and_write_nothing(workdir, capsys, argv
     assert list(workdir.iterdir()) == []
 
 
-@pytest.mark.parametrize("argv,flag", [([], "--val-samples"), (["--fixed-data"], "--train-samples")],
-                         ids=["validation rows", "fixed set"])
-def test_rows_that_cannot_fit_in_memory_exit_2(workdir, capsys, monkeypatch, argv, flag):
-    # TINY stores 500 validation rows of 32 features (16000 bytes), and with --fixed-data 4000 more.
-    monkeypatch.setattr(train, "available_memory_bytes", lambda: 16000 + (128000 if argv else 0) - 1)
+# What a TINY run keeps in memory on the CPU, per process: its stored rows, a byte a feature (500 validation
+# rows of 32 features, and with --fixed-data 4000 more), and 40 bytes a parameter of a (32 + 2) x hidden + 1 model.
+MEMORY = [(["--val-samples", "5000"], "--val-samples", 5000 * 32 + 40 * (34 * 64 + 1)),
+          (["--fixed-data"], "--train-samples", 4500 * 32 + 40 * (34 * 64 + 1)),
+          (["--hidden", "1024"], "--hidden", 500 * 32 + 40 * (34 * 1024 + 1)),
+          (["--hidden", "1024", "--devices", "3"], "--hidden", 3 * (500 * 32 + 40 * (34 * 1024 + 1)))]
+
+
+@pytest.mark.parametrize("argv,flag,needed", MEMORY, ids=[" ".join(a) for a, _, _ in MEMORY])
+def test_a_run_that_cannot_fit_in_memory_exits_2(workdir, capsys, monkeypatch, argv, flag, needed):
+    monkeypatch.setattr(train, "available_memory_bytes", lambda: needed - 1)
     assert_one_line_error(main_in_process(capsys, *TINY, *argv), flag, "GB of memory available")
     assert list(workdir.iterdir()) == []
-    monkeypatch.setattr(train, "available_memory_bytes", lambda: 16000 + (128000 if argv else 0))
+    monkeypatch.setattr(train, "available_memory_bytes", lambda: needed)
     assert train.parse_args([*TINY, *argv]).features == 32  # exactly fits
 
 
