@@ -254,7 +254,8 @@ def main(argv=None) -> int:
     try:
         pl.seed_everything(args.seed, verbose=False)
         torch.set_float32_matmul_precision("high")  # TF32 on tensor cores, as Lightning advises
-        logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # milestones only on stdout
+        for name in ("pytorch_lightning", "lightning_fabric"):  # milestones only on the console
+            logging.getLogger(name).setLevel(logging.WARNING)
         warnings.filterwarnings("ignore", ".*does not have many workers.*")  # in-memory data needs none
         warnings.filterwarnings("ignore", ".*LeafSpec.*is deprecated")  # Lightning 2.6's call into torch 2.13
         warnings.filterwarnings("ignore", "Checkpoint directory .* is not empty")  # a resume writes on in it
@@ -540,7 +541,7 @@ class TrainThroughput(Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         epoch_rates = self.rates[self.epoch_start :]
         if epoch_rates:
-            pl_module.log("train_samples_per_second", statistics.median(epoch_rates))
+            pl_module.log("train_samples_per_second", statistics.median(epoch_rates), sync_dist=True)
 
 
 # --- Argument checks: one line and exit status 2 for anything a user can get wrong ------------

@@ -50,6 +50,7 @@ def check_one_run(workdir, stdout, stderr, world_size=2):
     assert len(re.findall(r"^learning rate: ", stdout, re.M)) == 1
     assert len(re.findall(rf"^training on {world_size} processes, ", stdout, re.M)) == 1
     assert len(re.findall(r"^best checkpoint: ", stdout, re.M)) == 1
+    assert not re.search(r"Initializing distributed|Warning", stdout + stderr)  # no Lightning info or warnings
     assert sorted(p.name for p in (workdir / "lightning_logs").iterdir()) == ["version_0"]
     run = workdir / "lightning_logs" / "version_0"
     assert (run / "lr_finder.png").is_file()
