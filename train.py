@@ -660,8 +660,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                              if args.precision == "auto" else (args.precision, "--precision"))
     stored = args.val_samples + (args.train_samples if args.fixed_data else 0)  # rows kept, a byte a feature
     parameters = (args.features + 2) * args.hidden + 1
-    processes = args.devices if on_cpu and args.devices != "auto" else 1  # on this node
-    # On the CPU 40 bytes a parameter: weights, gradients, Adam's moments, the average, a checkpoint's copies.
+    processes = args.devices if args.devices not in ("auto", -1) else max(1, torch.cuda.device_count())
+    # Each process on this node keeps the stored rows and, on the CPU, 40 bytes a parameter (weights, gradients,
+    # Adam's moments, the average, a checkpoint's copies); on a GPU the host holds the weights' first copy.
     needs = {"--train-samples" if args.fixed_data else "--val-samples": processes * stored * args.features,
              "--hidden": processes * parameters * (40 if on_cpu else 4)}
     available = available_memory_bytes()

@@ -94,6 +94,17 @@ def test_a_run_that_cannot_fit_in_memory_exits_2(workdir, capsys, monkeypatch, a
     assert train.parse_args([*TINY, *argv]).features == 32  # exactly fits
 
 
+def test_on_gpus_the_host_counts_the_stored_rows_and_one_copy_of_the_weights_per_gpu(workdir, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(train, "auto_precision", lambda accelerator, flags: ("bf16-mixed", "test"))
+    needed = 4 * (500 * 32 + 4 * (34 * 64 + 1))  # --gpus -1: all 4
+    monkeypatch.setattr(train, "available_memory_bytes", lambda: needed - 1)
+    assert_one_line_error(main_in_process(capsys, *TINY, "--gpus", "-1"), "--val-samples", "in 4 process(es)")
+    monkeypatch.setattr(train, "available_memory_bytes", lambda: needed)
+    assert train.parse_args([*TINY, "--gpus", "-1"]).devices == -1
+
+
 def test_a_bad_value_from_the_shell(workdir):
     proc = run_train("--train-samples", "0", cwd=workdir, check=False)
     assert_one_line_error(proc, "--train-samples", ">= 1")
