@@ -328,9 +328,9 @@ def make_trainer(args, **kwargs) -> pl.Trainer:
 def make_logger(args) -> TensorBoardLogger:
     if args.resume:  # log on in the resumed run's own folder, so its curves continue
         run_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.resume)))
-        return TensorBoardLogger(os.path.dirname(run_dir), name="", version=os.path.basename(run_dir),
-                                 default_hp_metric=False)
-    return TensorBoardLogger(args.logdir, name="", default_hp_metric=False)
+        return RunLogger(os.path.dirname(run_dir), name="", version=os.path.basename(run_dir),
+                         default_hp_metric=False)
+    return RunLogger(args.logdir, name="", default_hp_metric=False)
 
 
 def tune(args, model, datamodule, logger, world_size: int, stop: "StopOnSignal") -> dict:
@@ -410,7 +410,7 @@ def log_hyperparameters(logger: TensorBoardLogger, args, model: SumSignModel) ->
                            metrics={"best_val_loss": float("nan"), "best_val_acc": float("nan")})
 
 
-# --- Callbacks the run needs beyond Lightning's own (why each: docs/design.md) ---------------
+# --- Callbacks and a logger the run needs beyond Lightning's own (why each: docs/design.md) --
 class TunedValues(Callback):
     """Brings rank 0's tuned batch size and lr to every rank in setup(), once the process group is up
     (tuning ran before it, so the tuners wait on no rank); keeps the precision in checkpoints.
@@ -426,6 +426,23 @@ class TunedValues(Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         checkpoint["precision"] = trainer.precision  # --resume refuses another
+
+
+class RunLogger(TensorBoardLogger):
+    """A TensorBoardLogger whose rank 0 claims its version_N folder by making it, which only one process can:
+    runs started together in one --logdir each get their own (Lightning's count of the folders can give two
+    the same). The other ranks take rank 0's folder from the checkpoint callbacks' broadcast.
+    """
+
+    def _get_next_version(self) -> int:
+        version = super()._get_next_version()
+        while rank_zero_only.rank == 0:
+            try:
+                os.makedirs(os.path.join(self.root_dir, f"version_{version}"))
+                break
+            except FileExistsError:
+                version += 1
+        return version
 
 
 class RunCheckpoint(ModelCheckpoint):

@@ -10,6 +10,7 @@ import threading
 
 import pytest
 import torch
+from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
@@ -126,6 +127,28 @@ def test_a_one_process_run_sets_nothing_for_other_runs(workdir):
     assert train.main([*TINY, "--max-epochs", "1"]) == 0
     added = {k: v for k, v in os.environ.items() if before.get(k) != v}
     assert set(added) <= {"PL_GLOBAL_SEED", "PL_SEED_WORKERS"}, added  # Lightning's seed_everything, none of ours
+
+
+def test_runs_started_together_in_one_logdir_each_get_their_own_folder(tmp_path, monkeypatch):
+    # Each counts the folders before any other has made one: Lightning's count says version_0 to all.
+    monkeypatch.setattr(TensorBoardLogger, "_get_next_version", lambda self: 0)
+    assert [train.RunLogger(str(tmp_path), name="").version for _ in range(3)] == [0, 1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["version_0", "version_1", "version_2"]
+    monkeypatch.setattr(train.rank_zero_only, "rank", 1)  # another rank takes rank 0's folder: it makes none
+    assert train.RunLogger(str(tmp_path), name="").version == 0 and len(list(tmp_path.iterdir())) == 3
+
+
+def test_three_runs_started_at_once_keep_apart(workdir):
+    procs = [start_train(*TINY, "--max-epochs", "1", "--seed", str(seed), cwd=workdir) for seed in (1, 2, 3)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+    runs = sorted((workdir / "lightning_logs").iterdir())
+    assert [run.name for run in runs] == ["version_0", "version_1", "version_2"]
+    for run in runs:  # each folder: one run's events, and a summary of its own checkpoints
+        assert len(list(run.glob("events.out.tfevents.*"))) == 1
+        assert summary(run)["checkpoint"].startswith(str(run / "checkpoints"))
+    assert len({summary(run)["best_val_loss"] for run in runs}) == 3
 
 
 @pytest.fixture
