@@ -715,6 +715,10 @@ def checkpoint_hparams(p: OneLineParser, args: argparse.Namespace) -> dict:
         p.error(f"argument --resume: {args.resume!r} is not a checkpoint written by train.py")
     if "optimizer_states" not in checkpoint:
         p.error(f"argument --resume: {args.resume!r} holds weights only; resume from the run's last.ckpt")
+    # The run logs on in the folder above checkpoints/: from a copy elsewhere, that is wherever the copy is.
+    if os.path.basename(os.path.dirname(os.path.abspath(args.resume))) != "checkpoints":
+        p.error(f"argument --resume: {args.resume!r} is not in a run's checkpoints folder; resume from the "
+                "run's own checkpoints/last.ckpt")
     early_stopping = next((state for key, state in checkpoint["callbacks"].items()
                            if key.startswith(ResumableEarlyStopping.__name__)), {})
     hparams.update(precision=checkpoint.get("precision"), patience=early_stopping.get("patience"))

@@ -6,6 +6,7 @@ checked."""
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -299,6 +300,17 @@ def test_resume_refuses_a_flag_that_defines_the_run(stopped_run, flag, value):
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "Traceback" not in proc.stderr and f"--resume: the checkpoint was made with {flag}" in proc.stderr
     assert sorted(p.name for p in (cwd / "lightning_logs").iterdir()) == ["version_0"]
+
+
+def test_resume_refuses_a_last_ckpt_taken_out_of_its_run_folder(stopped_run, tmp_path):
+    # The run logs on in the folder above checkpoints/: from a copy, that would be wherever the copy is.
+    cwd, last = stopped_run
+    (tmp_path / "copies").mkdir()
+    shutil.copy(last, tmp_path / "copies" / "last.ckpt")
+    proc = run_train(*STALLS, "--precision", "32-true", "--resume", "copies/last.ckpt", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "--resume: 'copies/last.ckpt' is not in a run's checkpoints folder" in proc.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["copies", "last.ckpt"]
 
 
 def test_max_epochs_may_change_and_the_reports_keep_the_run_s_patience(stopped_run):
