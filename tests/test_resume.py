@@ -87,6 +87,8 @@ def test_resume_from_a_relative_path_in_another_folder(workdir):
                      "../lightning_logs/version_1/checkpoints/last.ckpt", cwd=elsewhere)
     assert list(elsewhere.iterdir()) == []
     assert proc.stderr == ""  # no warning a user cannot act on: the folder holds files, the epochs are short
+    shown = re.search(r"tensorboard --logdir=(\S+)$", proc.stdout, re.M).group(1)  # the folder of the run
+    assert (elsewhere / shown).resolve() == (workdir / "lightning_logs").resolve()
     assert_same_run(workdir / "lightning_logs" / "version_1", workdir / "lightning_logs" / "version_0")
 
 
