@@ -20,6 +20,11 @@ With --fixed-data the model memorises its set and stops near val_acc 0.8, about 
 can generalise from 2 rows per feature.
 """
 
+import signal
+
+if __name__ == "__main__":  # Ctrl-C during the imports (seconds) ends the process, not with their traceback
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 import argparse
 import hashlib
 import json
@@ -30,7 +35,6 @@ import re
 import resource
 import select
 import shlex
-import signal
 import statistics
 import sys
 import tempfile

@@ -20,7 +20,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
-from conftest import ROOT, run_train, start_train, summary
+from conftest import ROOT, TINY, run_train, start_train, summary
 from test_reliability import assert_same_weights, metrics, weights
 
 # About 0.1 s an epoch, at an almost constant lr: the best val_acc comes after a few epochs, then it
@@ -214,6 +214,19 @@ def catches(pid, sig) -> bool:
     """Whether process `pid` has a handler of its own for `sig` (Linux: SigCgt in /proc/PID/status)."""
     caught = re.search(r"^SigCgt:\s*([0-9a-f]+)$", Path(f"/proc/{pid}/status").read_text(), re.M).group(1)
     return bool(int(caught, 16) >> (sig - 1) & 1)
+
+
+def test_a_ctrl_c_while_python_imports_ends_the_process_without_a_traceback(workdir):
+    proc = start_train(*TINY, cwd=workdir)
+    time.sleep(0.3)  # Python is up (its own handler raises KeyboardInterrupt) and importing torch, which takes seconds
+    deadline = time.monotonic() + 30
+    while catches(proc.pid, signal.SIGINT):  # until train.py's first lines hand Ctrl-C back to the default action
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGINT and "Traceback" not in err, err[-2000:]  # a shell reports 130
+    assert out == "" and list(workdir.iterdir()) == []
 
 
 # One training step of 40000 rows: a forward and a backward matmul of about a second each.
