@@ -52,7 +52,7 @@ from pytorch_lightning.callbacks import (Callback, EarlyStopping, LearningRateMo
                                          WeightAveraging)
 from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
 from pytorch_lightning.plugins import TorchCheckpointIO
-from pytorch_lightning.plugins.environments import SLURMEnvironment
+from pytorch_lightning.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.tuner import Tuner
 from pytorch_lightning.utilities import rank_zero_only
@@ -679,9 +679,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("argument --precision: 16-mixed needs a GPU; on the CPU use bf16-mixed or 32-true")
     args.precision, args.precision_reason = (auto_precision(args.accelerator, cpu_flags())
                                              if args.precision == "auto" else (args.precision, "--precision"))
+    processes = args.devices if args.devices not in ("auto", -1) else max(1, torch.cuda.device_count())
+    for launcher in (SLURMEnvironment, TorchElasticEnvironment):  # they start the processes: are they these?
+        try:
+            if launcher.detect():
+                launcher().validate_settings(processes, args.num_nodes)  # else Lightning finds out after tuning
+        except (ValueError, RuntimeError) as error:
+            p.error(f"argument --devices: {error}")
     stored = args.val_samples + (args.train_samples if args.fixed_data else 0)  # rows kept, a byte a feature
     parameters = (args.features + 2) * args.hidden + 1
-    processes = args.devices if args.devices not in ("auto", -1) else max(1, torch.cuda.device_count())
     # Each process on this node keeps the stored rows and, on the CPU, 40 bytes a parameter (weights, gradients,
     # Adam's moments, the average, a checkpoint's copies); on a GPU the host holds the weights' first copy.
     needs = {"--train-samples" if args.fixed_data else "--val-samples": processes * stored * args.features,

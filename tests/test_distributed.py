@@ -16,7 +16,8 @@ import torch
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 
 import train
-from conftest import (ROOT, WIDE, free_port, kill_all, pids_running, start_train, summary, wait_for)
+from conftest import (ROOT, TINY, WIDE, free_port, kill_all, pids_running, start_train, summary, wait_for)
+from test_cli import assert_one_line_error, main_in_process
 
 DDP = [*WIDE, "--accelerator", "cpu", "--max-epochs", "5"]
 JOB_TIMEOUT = 240  # seconds; a job of these sizes takes 20-40 s on 2 cores
@@ -126,6 +127,30 @@ def test_slurm(workdir):
     out, err = run_job(workdir, [([sys.executable, *train_argv("--devices", "2", workdir=workdir)],
                                   slurm_env(rank, port)) for rank in (0, 1)])
     check_one_run(workdir, out, err)
+
+
+@pytest.mark.parametrize("devices,nodes", [("1", "1"), ("3", "1"), ("2", "2")], ids=["fewer", "more", "nodes"])
+def test_slurm_tasks_that_do_not_match_the_flags_exit_2_before_tuning(workdir, capsys, monkeypatch, devices, nodes):
+    for key, value in slurm_env(0, 15001).items():  # srun: 2 tasks on 1 node
+        monkeypatch.setenv(key, value)
+    assert_one_line_error(main_in_process(capsys, *TINY, "--devices", devices, "--num-nodes", nodes), "--devices")
+    assert list(workdir.iterdir()) == []
+
+
+def test_torchrun_processes_that_do_not_match_the_flags_exit_2_before_tuning(workdir):
+    # torchrun starts 2 processes; --devices 1 would make each a whole run of its own
+    proc = subprocess.Popen([*TORCHRUN, "--standalone", "--nproc_per_node", "2",
+                             *train_argv("--devices", "1", workdir=workdir)], cwd=workdir, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=JOB_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        kill_all(str(workdir))
+        pytest.fail(f"the job hung: still running after {JOB_TIMEOUT} s")
+    assert proc.returncode != 0 and 'train.py", line' not in err  # torchrun's own report has a traceback
+    errors = re.findall(r"^train\.py: error: argument --devices: .*world size \(2\)", err, re.M)
+    assert len(errors) == 2, err[-3000:]  # one line from each process
+    assert out == "" and list(workdir.iterdir()) == [] and pids_running(str(workdir)) == []
 
 
 def test_slurm_auto_requeue_is_off(monkeypatch):
