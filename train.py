@@ -680,10 +680,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.precision, args.precision_reason = (auto_precision(args.accelerator, cpu_flags())
                                              if args.precision == "auto" else (args.precision, "--precision"))
     processes = args.devices if args.devices not in ("auto", -1) else max(1, torch.cuda.device_count())
-    for launcher in (SLURMEnvironment, TorchElasticEnvironment):  # they start the processes: are they these?
+    for launcher in (SLURMEnvironment, TorchElasticEnvironment):  # srun's or torchrun's processes must be these
         try:
             if launcher.detect():
-                launcher().validate_settings(processes, args.num_nodes)  # else Lightning finds out after tuning
+                launcher().validate_settings(processes, args.num_nodes)  # Lightning checks only after tuning
         except (ValueError, RuntimeError) as error:
             p.error(f"argument --devices: {error}")
     stored = args.val_samples + (args.train_samples if args.fixed_data else 0)  # rows kept, a byte a feature
