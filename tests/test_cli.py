@@ -103,6 +103,9 @@ def test_on_gpus_the_host_counts_the_stored_rows_and_one_copy_of_the_weights_per
     assert_one_line_error(main_in_process(capsys, *TINY, "--gpus", "-1"), "--val-samples", "in 4 process(es)")
     monkeypatch.setattr(train, "available_memory_bytes", lambda: needed)
     assert train.parse_args([*TINY, "--gpus", "-1"]).devices == -1
+    # On the CPU "auto" is one process, GPUs or not: TINY's rows and its model at 40 bytes a parameter.
+    monkeypatch.setattr(train, "available_memory_bytes", lambda: 500 * 32 + 40 * (34 * 64 + 1))
+    assert train.parse_args([*TINY, "--accelerator", "cpu", "--devices", "auto"]).devices == "auto"
 
 
 def test_a_bad_value_from_the_shell(workdir):
