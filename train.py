@@ -386,7 +386,9 @@ def find_lr(tuner: Tuner, model, datamodule, args, logger) -> None:
     finder = tuner.lr_find(model, datamodule=datamodule, num_training=args.lr_find_steps, update_attr=False)
     results = finder.results if finder else {"lr": [], "loss": []}
     results["loss"] = unbiased(results["loss"])  # the plot shows them too
-    points = [(loss, lr) for lr, loss in zip(results["lr"], results["loss"]) if math.isfinite(loss)]
+    # As fastai: not in the first tenth of the steps, whose averages hold a few noisy losses.
+    tried = list(zip(results["lr"], results["loss"]))[args.lr_find_steps // 10 :]
+    points = [(loss, lr) for lr, loss in tried if math.isfinite(loss)]
     if not points:
         say(f"LR finder could not suggest a learning rate; keeping --lr {args.lr:g}")
         model.hparams.lr = args.lr

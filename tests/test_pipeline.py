@@ -203,6 +203,15 @@ def test_the_lr_finder_s_losses_are_unbiased_before_the_lowest_is_taken(tmp_path
     assert train.unbiased(finder.results["loss"]) == pytest.approx([0.69] * 30)
 
 
+@pytest.mark.parametrize("data", [["--seed", "2"], ["--seed", "6", "--fixed-data"]], ids=["fresh", "fixed"])
+def test_the_lr_is_not_taken_from_the_lr_finder_s_noisy_first_steps(tmp_path, data):
+    # 6-row batches: at these seeds the curve was lowest at its first points, and the lr taken (1e-9) learned nothing.
+    argv = ["--features", "200", "--train-samples", "400", *data, "--max-epochs", "3", "--logdir", str(tmp_path)]
+    assert train.main(argv) == 0
+    s = summary(tmp_path / "version_0")
+    assert s["batch_size"] == 6 and s["lr"] > 1e-4 and s["best_val_acc"] > 0.75, s
+
+
 def test_the_tuned_lr_hardly_depends_on_the_seed(tmp_path):
     # At the default width Lightning's own suggestion ranged 30x over these seeds (docs/design.md).
     lrs = []
