@@ -575,15 +575,15 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def bounded(kind, low, name):
-    """An argparse type: a number of type `kind` that is >= `low` (or > 0 where `low` is None)."""
+def bounded(kind, low, name, high=math.inf):
+    """An argparse type: a number of type `kind` that is >= `low` (or > 0 where `low` is None) and <= `high`."""
 
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}") from None
-        if (value <= 0 if low is None else value < low) or not math.isfinite(value):
+        if (value <= 0 if low is None else value < low) or not math.isfinite(value) or value > high:
             raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}")
         return value
 
@@ -631,7 +631,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="train every epoch on one fixed set, as the article did: the model memorises it and "
                            "stops near val_acc 0.8 (default: new rows every epoch, and the model learns the rule)")
     data.add_argument("--hidden", type=count, default=2048, help="width of the first layer (default: 2048)")
-    data.add_argument("--seed", type=bounded(int, 0, "an integer >= 0"), default=42,
+    data.add_argument("--seed", type=bounded(int, 0, "an integer from 0 to 2**32 - 1", 2**32 - 1), default=42,
                       help="seed of the weights, the data and the shuffle (default: 42)")
     tune = p.add_argument_group("tuning")
     tune.add_argument("--batch-size", type=count, default=512,

@@ -42,6 +42,7 @@ BAD = [
     (["--max-epochs", "0"], "--max-epochs"),
     (["--patience", "-1"], "--patience"),
     (["--seed", "-1"], "--seed"),
+    (["--seed", str(2**32)], "--seed"),  # Lightning's seed_everything takes 32 bits
     (["--num-nodes", "0"], "--num-nodes"),
     (["--devices", "0"], "--devices"),
     (["--gpus", "-2"], "--gpus"),
