@@ -596,7 +596,10 @@ def duration_arg(text):
     if not match or not any(int(part or 0) for part in match.groups()):
         raise argparse.ArgumentTypeError(f"expected a duration such as 90s, 10m or 1h30m, got {text!r}")
     days, hours, minutes, seconds = (int(part or 0) for part in match.groups())
-    return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+    try:
+        return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+    except OverflowError:
+        raise argparse.ArgumentTypeError(f"expected at most {timedelta.max.days} days, got {text!r}") from None
 
 
 def devices_arg(text):

@@ -60,6 +60,7 @@ BAD = [
     (["--max-time", "0m"], "--max-time"),
     (["--max-time", "1.5h"], "--max-time"),
     (["--max-time", "m10"], "--max-time"),
+    (["--max-time", "9999999999d"], "--max-time"),  # beyond timedelta
     (["--lr-decay-epochs", "0"], "--lr-decay-epochs"),
     (["--fresh-data"], "--fresh-data"),  # fresh rows are the default; --fixed-data is the other mode
     (["--logdir", ""], "--logdir"),
