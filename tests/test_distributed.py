@@ -24,8 +24,9 @@ JOB_TIMEOUT = 240  # seconds; a job of these sizes takes 20-40 s on 2 cores
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
-def run_job(workdir, commands, timeout=JOB_TIMEOUT):
-    """Start every (argv, extra env) of a job at once, wait for all; kill them all on timeout."""
+def run_job(workdir, commands, timeout=JOB_TIMEOUT, succeed=True):
+    """Start every (argv, extra env) of a job at once, wait for all; kill them all on timeout. Every process
+    must exit 0, or with `succeed=False` every one must fail."""
     procs = [subprocess.Popen(argv, cwd=workdir, env={**os.environ, **env}, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for argv, env in commands]
     deadline, outputs = time.monotonic() + timeout, []
@@ -36,7 +37,7 @@ def run_job(workdir, commands, timeout=JOB_TIMEOUT):
         kill_all(str(workdir))
         pytest.fail(f"the job hung: still running after {timeout} s")
     for proc, (out, err) in zip(procs, outputs):
-        assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-2000:]}\n{err[-3000:]}"
+        assert (proc.returncode == 0) == succeed, f"exit {proc.returncode}\n{out[-2000:]}\n{err[-3000:]}"
     return "".join(out for out, _ in outputs), "".join(err for _, err in outputs)
 
 
@@ -139,15 +140,9 @@ def test_slurm_tasks_that_do_not_match_the_flags_exit_2_before_tuning(workdir, c
 
 def test_torchrun_processes_that_do_not_match_the_flags_exit_2_before_tuning(workdir):
     # torchrun starts 2 processes; --devices 1 would make each a whole run of its own
-    proc = subprocess.Popen([*TORCHRUN, "--standalone", "--nproc_per_node", "2",
-                             *train_argv("--devices", "1", workdir=workdir)], cwd=workdir, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=JOB_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        kill_all(str(workdir))
-        pytest.fail(f"the job hung: still running after {JOB_TIMEOUT} s")
-    assert proc.returncode != 0 and 'train.py", line' not in err  # torchrun's own report has a traceback
+    out, err = run_job(workdir, [([*TORCHRUN, "--standalone", "--nproc_per_node", "2",
+                                   *train_argv("--devices", "1", workdir=workdir)], {})], succeed=False)
+    assert 'train.py", line' not in err  # torchrun's own report has a traceback
     errors = re.findall(r"^train\.py: error: argument --devices: .*world size \(2\)", err, re.M)
     assert len(errors) == 2, err[-3000:]  # one line from each process
     assert out == "" and list(workdir.iterdir()) == [] and pids_running(str(workdir)) == []
