@@ -684,7 +684,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("argument --precision: 16-mixed needs a GPU; on the CPU use bf16-mixed or 32-true")
     args.precision, args.precision_reason = (auto_precision(args.accelerator, cpu_flags())
                                              if args.precision == "auto" else (args.precision, "--precision"))
-    processes = args.devices if args.devices not in ("auto", -1) else 1 if on_cpu else max(1, torch.cuda.device_count())
+    processes = args.devices  # on this node
+    if processes in ("auto", -1):  # one on the CPU, every GPU otherwise
+        processes = 1 if on_cpu else max(1, torch.cuda.device_count())
     for launcher in (SLURMEnvironment, TorchElasticEnvironment):  # srun's or torchrun's processes must be these
         try:
             if launcher.detect():
