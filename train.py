@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import pathlib
 import re
 import resource
 import select
@@ -63,6 +64,10 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 
 NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs with bf16 matmul units
+# cgroup v2 ("" controllers) and v1 "memory": mount, limit file, usage file, memory.stat's reclaimable cache.
+CGROUP_MEMORY_FILES = {"": ("/sys/fs/cgroup", "memory.max", "memory.current", "inactive_file"),
+                       "memory": ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes",
+                                  "total_inactive_file")}
 MEMORY_FRACTION = 0.5  # of the RAM available when tuning starts that batches may use
 AVERAGING_GAMMA = 1  # the averaged weights span about the last half of the steps
 # The lr taken is the LR finder's lowest-loss lr over this (fastai's rule; Lightning's suggestion: docs/design.md).
@@ -768,12 +773,40 @@ def auto_precision(accelerator: str, flags: set[str]) -> tuple[str, str]:
 
 
 def available_memory_bytes() -> int:
+    """The machine's MemAvailable, or less where a cgroup (a container, a SLURM job's --mem) limits this process."""
     try:
         with open("/proc/meminfo") as meminfo:
             fields = dict(line.split(":", 1) for line in meminfo)
-        return int(fields["MemAvailable"].split()[0]) * 1024
+        available = int(fields["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError):  # not Linux: assume half the machine is free
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    return min([available, *cgroup_headroom()])
+
+
+def cgroup_headroom() -> list[int]:
+    """Limit - usage + reclaimable page cache, for every memory limit on this process's cgroups and their parents."""
+    headroom = []
+    try:
+        with open("/proc/self/cgroup") as cgroups:  # hierarchy:controllers:path, with "" as v2's controllers
+            memberships = [line.rstrip("\n").split(":", 2) for line in cgroups]
+    except OSError:
+        return headroom
+    for _, controllers, path in memberships:
+        kind = "memory" if "memory" in controllers.split(",") else controllers
+        if kind not in CGROUP_MEMORY_FILES:
+            continue
+        mount, limit_file, usage_file, cache_field = CGROUP_MEMORY_FILES[kind]
+        folder = os.path.normpath(mount + path)
+        while folder.startswith(mount):
+            files = pathlib.Path(folder)
+            try:
+                limit, usage = (int((files / name).read_text()) for name in (limit_file, usage_file))
+                stat = dict(line.split() for line in (files / "memory.stat").read_text().splitlines())
+                headroom.append(limit - usage + int(stat[cache_field]))
+            except (OSError, ValueError, KeyError):  # not here, or no limit ("max")
+                pass
+            folder = os.path.dirname(folder)
+    return headroom
 
 
 # --- Signals: Ctrl-C and SIGTERM stop every rank at the same step, with the command to resume -
