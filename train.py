@@ -26,6 +26,7 @@ if __name__ == "__main__":  # Ctrl-C during the imports (seconds) ends the proce
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -36,6 +37,7 @@ import re
 import resource
 import select
 import shlex
+import shutil
 import statistics
 import sys
 import tempfile
@@ -315,6 +317,9 @@ def main(argv=None) -> int:
             return 0
         return report(args, trainer, timings(t_start, t_tune, t_fit))
     except BaseException as error:  # after a signal, whatever ended the run is its consequence
+        if stop.signum is None and isinstance(error, OSError):  # a full disk, a folder gone: the epochs kept stand
+            print(f"\n{os.path.basename(sys.argv[0])}: error: {error}; {stop.resume()}", file=sys.stderr, flush=True)
+            return 1
         if stop.signum is not None and stop.phase == "training" and not args.fast_dev_run:
             report(args, trainer, timings(t_start, t_tune, t_fit), interrupted_by=stop.signum)
         return stop.interrupted(error)
@@ -508,7 +513,13 @@ class CheckpointWriter(TorchCheckpointIO):
     @staticmethod
     def _write(checkpoint, path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save(checkpoint, f"{path}.partial")
+        try:
+            torch.save(checkpoint, f"{path}.partial")
+        except Exception as error:  # torch's message hides the cause, most often a full disk
+            free = shutil.disk_usage(os.path.dirname(path)).free
+            with contextlib.suppress(OSError):
+                os.remove(f"{path}.partial")
+            raise OSError(f"cannot write {os.path.abspath(path)} ({free / 1e6:.0f} MB free there): {error}") from error
         os.replace(f"{path}.partial", path)
 
     def remove_checkpoint(self, path):
@@ -883,12 +894,16 @@ class StopOnSignal(Callback):
             raise KeyboardInterrupt
 
     def line(self) -> str:
+        return f"\ninterrupted by {signal.Signals(self.signum).name} during {self.phase}; {self.resume()}"
+
+    def resume(self) -> str:
+        """The command that continues this run from its last.ckpt, or why there is none."""
         last = self.last_checkpoint and saved_path(self.last_checkpoint)
+        if not (last and os.path.exists(last)):  # none kept, or the first is still being written
+            return "no epoch had completed, so there is nothing to resume: run the same command to start over"
         argv = [a for i, a in enumerate(self.argv)  # this run's arguments, less any --resume
                 if not (a.startswith("--resume") or i and self.argv[i - 1] == "--resume")]
-        then = f"resume with: {self.launcher} {shlex.join([*argv, '--resume', last])}" if last else (
-            "no epoch had completed, so there is nothing to resume: run the same command to start over")
-        return f"\ninterrupted by {signal.Signals(self.signum).name} during {self.phase}; {then}"
+        return f"resume with: {self.launcher} {shlex.join([*argv, '--resume', last])}"
 
     def interrupted(self, error: BaseException) -> int:
         """After a signal, say what stopped and return 128 + signal; re-raise any other error."""

@@ -288,6 +288,35 @@ def test_a_kill_9_loses_at_most_one_epoch(workdir, when):
     assert not list(run.glob("checkpoints/*.partial"))
 
 
+def test_a_full_disk_ends_the_run_in_one_line_and_it_resumes_as_never_stopped(workdir, capsys, monkeypatch):
+    flags = [*STALLS, "--max-epochs", "6"]
+    assert train.main(flags) == 0
+    full = workdir / "lightning_logs" / "version_0"
+    save, writes = torch.save, []
+
+    def third_last_ckpt_finds_the_disk_full(checkpoint, path):
+        writes.append(path)
+        if writes.count(path) == 3 and path.endswith("last.ckpt.partial"):
+            Path(path).write_bytes(b"PK")  # what torch leaves, with this message and no errno
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        return save(checkpoint, path)
+
+    monkeypatch.setattr(torch, "save", third_last_ckpt_finds_the_disk_full)
+    capsys.readouterr()
+    assert train.main(flags) == 1
+    err = capsys.readouterr().err
+    run = workdir / "lightning_logs" / "version_1"
+    last = run / "checkpoints" / "last.ckpt"
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"error: cannot write {last} (" in err and "MB free there): [enforce fail" in err
+    assert not list(run.glob("checkpoints/*.partial")) and checkpoint(last)["epoch"] == 1  # the two before stand
+    monkeypatch.setattr(torch, "save", save)  # space made
+    command = shlex.split(err.split("; resume with: ")[1])
+    assert command[:2] == ["python", os.path.relpath(ROOT / "train.py")] and command[2:-2] == flags
+    assert train.main(command[2:]) == 0
+    assert_same_run(run, full)
+
+
 # --- flags on resume --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def stopped_run(tmp_path_factory):
