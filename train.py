@@ -827,7 +827,8 @@ class StopOnSignal(Callback):
     (other ranks, waiting in C++, keep the default action); in training every rank stops at the end of
     the same step. Replaces Lightning's SIGTERM handler (docs/design.md). A signal that Python cannot hand
     to the handler, its main thread waiting in C++ (for a node that never comes), ends the process after
-    SIGNAL_GRACE_SECONDS, or at once with a second signal, with the same line.
+    SIGNAL_GRACE_SECONDS, or at once with a second signal, with the same line. An error on rank 0 ends
+    the ranks it started, as Lightning does only after a Ctrl-C.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -886,6 +887,10 @@ class StopOnSignal(Callback):
             raise KeyboardInterrupt  # on every rank at this same step: Lightning shuts down gracefully
 
     on_validation_batch_end = on_train_batch_end  # validation too: the last one ends no training step
+
+    def on_exception(self, trainer, pl_module, exception):
+        if self.signum is None and trainer.strategy.launcher is not None:  # an error on this rank alone
+            trainer.strategy.launcher.kill(signal.SIGKILL)  # the ranks it started would wait for it, or fail loudly
 
     def training_done(self) -> None:
         """After fit(): a signal that came after the last step stops the run now, as one later would."""

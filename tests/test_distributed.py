@@ -111,6 +111,33 @@ def test_torchrun_two_nodes(workdir):
     check_one_run(workdir, out, err)
 
 
+# Put first on a job's PYTHONPATH: in every process, torch.save fails on the second last.ckpt as on a full disk.
+FULL_DISK = """import torch
+save, writes = torch.save, []
+def full_disk(checkpoint, path):
+    writes.append(path)
+    if path.endswith("last.ckpt.partial") and writes.count(path) == 2:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    return save(checkpoint, path)
+torch.save = full_disk
+"""
+
+
+def test_an_error_on_rank_0_ends_the_ranks_it_started_without_their_tracebacks(workdir, tmp_path_factory):
+    site = tmp_path_factory.mktemp("site")
+    (site / "sitecustomize.py").write_text(FULL_DISK)
+    flags = ["--devices", "2", "--no-scale-batch-size", "--no-lr-find", "--lr", "1e-3"]
+    out, err = run_job(workdir, [([sys.executable, *train_argv(*flags, workdir=workdir)], {"PYTHONPATH": str(site)})],
+                       succeed=False)
+    assert "Traceback" not in err and "[rank1]" not in err, err[-3000:]  # rank 1 did not see rank 0 go
+    last = workdir / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"train.py: error: cannot write {last} (") and lines[0].endswith(
+        f"--resume {last}")
+    assert torch.load(last, weights_only=False)["epoch"] == 0  # the first epoch's, whole
+    assert pids_running(str(workdir)) == []
+
+
 def port_is_free(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) != 0
