@@ -261,7 +261,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     t_start = time.perf_counter()
     args = parse_args(argv)
-    stop = StopOnSignal(argv)
+    stop = StopOnSignal(argv, args.resume)
     try:
         pl.seed_everything(args.seed, verbose=False)
         torch.set_float32_matmul_precision("high")  # TF32 on tensor cores, as Lightning advises
@@ -722,15 +722,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                 f"more than the {available / 1e9:.1f} GB of memory available")
     if not args.logdir:
         p.error("argument --logdir: expected a folder, got ''")
-    parent = os.path.abspath(args.logdir)
-    while not os.path.exists(parent):  # the nearest existing folder must take new ones
-        parent = os.path.dirname(parent)
-    try:  # os.access() says yes to root everywhere; making (and removing) a folder is the test
-        tempfile.TemporaryDirectory(dir=parent).cleanup()
-    except OSError:
-        p.error(f"argument --logdir: cannot create folders in {parent!r}")
-    if args.resume is not None:
+    if args.resume is not None:  # the run logs on in its own folder, not in --logdir
         args.resume_hparams = checkpoint_hparams(p, args)
+        flag, folder = "--resume", os.path.dirname(os.path.dirname(os.path.abspath(args.resume)))
+    else:
+        flag, folder = "--logdir", os.path.abspath(args.logdir)
+        while not os.path.exists(folder):  # the nearest existing folder must take new ones
+            folder = os.path.dirname(folder)
+    try:  # os.access() says yes to root everywhere; making (and removing) a folder is the test
+        tempfile.TemporaryDirectory(dir=folder).cleanup()
+    except OSError:
+        p.error(f"argument {flag}: cannot create folders in {folder!r}")
     return args
 
 
@@ -833,8 +835,10 @@ class StopOnSignal(Callback):
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, argv: list[str]):
+    def __init__(self, argv: list[str], resumed_from: str | None = None):
         self.argv, self.signum, self.training, self.last_checkpoint, self.phase = argv, None, False, None, "setup"
+        self.resumed_from = resumed_from and os.path.abspath(resumed_from)  # whole until this run saves its own
+        self.launcher = f"python {shlex.quote(os.path.relpath(__file__))}"
         self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
         wakeup, self.wakeup = os.pipe()  # Python writes each signal's number here as it arrives
         os.set_blocking(self.wakeup, False)
@@ -854,9 +858,8 @@ class StopOnSignal(Callback):
     def watch(self, trainer: pl.Trainer, last_checkpoint: ModelCheckpoint) -> None:
         self.last_checkpoint = last_checkpoint
         environment = getattr(trainer.strategy, "cluster_environment", None)
-        self.launcher = ("the same torchrun or srun command, with train.py"
-                         if environment is not None and environment.creates_processes_externally
-                         else f"python {shlex.quote(os.path.relpath(__file__))}")
+        if environment is not None and environment.creates_processes_externally:
+            self.launcher = "the same torchrun or srun command, with train.py"
         if not trainer.is_global_zero:
             for sig in self.SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
@@ -903,7 +906,7 @@ class StopOnSignal(Callback):
 
     def resume(self) -> str:
         """The command that continues this run from its last.ckpt, or why there is none."""
-        last = self.last_checkpoint and saved_path(self.last_checkpoint)
+        last = (self.last_checkpoint and saved_path(self.last_checkpoint)) or self.resumed_from
         if not (last and os.path.exists(last)):  # none kept, or the first is still being written
             return "no epoch had completed, so there is nothing to resume: run the same command to start over"
         argv = [a for i, a in enumerate(self.argv)  # this run's arguments, less any --resume

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -317,6 +318,27 @@ def test_a_full_disk_ends_the_run_in_one_line_and_it_resumes_as_never_stopped(wo
     assert_same_run(run, full)
 
 
+def test_a_signal_before_a_resumed_run_restores_its_checkpoint_names_that_checkpoint(workdir, capsys, monkeypatch):
+    assert train.main([*STALLS, "--max-epochs", "2"]) == 0
+    last = workdir / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    setup = train.TunedValues.setup
+
+    def signalled(self, *args, **kwargs):  # in fit(), before the checkpoint's state is loaded
+        os.kill(os.getpid(), signal.SIGINT)
+        return setup(self, *args, **kwargs)
+
+    monkeypatch.setattr(train.TunedValues, "setup", signalled)
+    flags = [*STALLS, "--max-epochs", "4"]
+    capsys.readouterr()
+    assert train.main([*flags, "--resume", "lightning_logs/version_0/checkpoints/last.ckpt"]) == 130
+    assert capsys.readouterr().out.rstrip().splitlines()[-1] == (
+        f"interrupted by SIGINT during training; resume with: python {shlex.quote(os.path.relpath(ROOT / 'train.py'))} "
+        f"{shlex.join(flags)} --resume {last}")  # not "nothing to resume": the checkpoint is whole
+    monkeypatch.setattr(train.TunedValues, "setup", setup)
+    assert train.main([*flags, "--resume", str(last)]) == 0
+    assert summary(last.parent.parent)["epochs"] == 4
+
+
 # --- flags on resume --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def stopped_run(tmp_path_factory):
@@ -356,6 +378,25 @@ def test_resume_refuses_a_last_ckpt_taken_out_of_its_run_folder(stopped_run, tmp
     assert "Traceback" not in proc.stderr
     assert "--resume: 'copies/last.ckpt' is not in a run's checkpoints folder" in proc.stderr
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["copies", "last.ckpt"]
+
+
+def test_resume_needs_to_write_in_the_run_s_folder_not_in_logdir(stopped_run, capsys, monkeypatch):
+    cwd, last = stopped_run
+    argv = [*STALLS, "--precision", "32-true", "--resume", str(last)]
+    assert train.parse_args([*argv, "--logdir", "/proc/runs"]).resume == str(last)  # --logdir is not used
+    make_folder = tempfile.TemporaryDirectory
+
+    def read_only_run(dir=None, **kwargs):  # as a read-only mount of the run's folder (root may write anywhere else)
+        if dir == str(last.parent.parent):
+            raise OSError(30, "Read-only file system")
+        return make_folder(dir=dir, **kwargs)
+
+    monkeypatch.setattr(train.tempfile, "TemporaryDirectory", read_only_run)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.strip().splitlines() == [
+        f"{os.path.basename(sys.argv[0])}: error: argument --resume: cannot create folders in {str(last.parent.parent)!r}"]
 
 
 def test_max_epochs_may_change_and_the_reports_keep_the_run_s_patience(stopped_run):
