@@ -21,7 +21,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
-from conftest import ROOT, TINY, run_train, start_train, summary
+from conftest import ROOT, TINY, pids_running, run_train, start_train, summary, wait_for
 from test_reliability import assert_same_weights, metrics, weights
 
 # About 0.1 s an epoch, at an almost constant lr: the best val_acc comes after a few epochs, then it
@@ -337,6 +337,34 @@ def test_a_signal_before_a_resumed_run_restores_its_checkpoint_names_that_checkp
     monkeypatch.setattr(train.TunedValues, "setup", setup)
     assert train.main([*flags, "--resume", str(last)]) == 0
     assert summary(last.parent.parent)["epochs"] == 4
+
+
+def test_the_readme_s_slurm_requeue_script_resumes_after_a_stop_before_the_first_epoch(workdir):
+    script = re.search(r"```bash\n(#SBATCH.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    flags = [*TINY, "--no-scale-batch-size", "--no-lr-find", "--lr", "1e-3", "--max-epochs", "4"]
+    assert "python train.py --gpus 8 --num-nodes 2 " in script
+    script = script.replace("python train.py --gpus 8 --num-nodes 2",
+                            f"{shlex.quote(sys.executable)} {shlex.quote(str(ROOT / 'train.py'))} {shlex.join(flags)}")
+    job = workdir / "job.sh"  # srun runs the command here; scontrol notes the requeue
+    job.write_text(f'srun() {{ "$@"; }}\nscontrol() {{ echo "$@" >> requeued; }}\n{script}')
+    runs = workdir / "runs" / "42"
+    (runs / "version_0").mkdir(parents=True)  # what a job stopped before its first epoch ended leaves
+
+    def start():
+        return subprocess.Popen(["bash", str(job)], cwd=workdir, env={**os.environ, "SLURM_JOB_ID": "42"},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    first = start()  # a new run, in version_1; SIGTERM (SLURM's, before the time limit) after its first epoch
+    wait_for("version_1/checkpoints/last.ckpt", first, runs)
+    (python,) = pids_running(str(runs.relative_to(workdir)))
+    os.kill(python, signal.SIGTERM)
+    first.communicate(timeout=60)
+    assert (workdir / "requeued").read_text() == "requeue 42\n"
+    second = start()  # the requeued job: resumes version_1 and ends it
+    out, err = second.communicate(timeout=300)
+    assert "Traceback" not in err and sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"], out
+    assert summary(runs / "version_1")["epochs"] == 4 and summary(runs / "version_1")["ended_by"] == "max_epochs"
+    assert (workdir / "requeued").read_text() == "requeue 42\n"  # ended: not requeued again
 
 
 # --- flags on resume --------------------------------------------------------------------------------
