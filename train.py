@@ -515,7 +515,7 @@ class CheckpointWriter(TorchCheckpointIO):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         try:
             torch.save(checkpoint, f"{path}.partial")
-        except Exception as error:  # torch's message hides the cause, most often a full disk
+        except (OSError, RuntimeError) as error:  # torch's message hides the cause, most often a full disk
             free = shutil.disk_usage(os.path.dirname(path)).free
             with contextlib.suppress(OSError):
                 os.remove(f"{path}.partial")
