@@ -715,11 +715,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     # Adam's moments, the average, a checkpoint's copies); on a GPU the host holds the weights' first copy.
     needs = {"--train-samples" if args.fixed_data else "--val-samples": processes * stored * args.features,
              "--hidden": processes * parameters * (40 if on_cpu else 4)}
+    total = sum(needs.values()) + (processes - 1) * peak_rss_bytes()  # each other process: torch, as this one
+    # The node's first process checks for all: the others may start once it has filled memory (Lightning's own).
+    first_on_node = all(os.environ.get(name, "0") == "0" for name in ("LOCAL_RANK", "SLURM_LOCALID"))
     available = available_memory_bytes()
-    if sum(needs.values()) > available:
+    if first_on_node and total > available:
         p.error(f"argument {max(needs, key=needs.get)}: {stored} stored rows of {args.features} features and "
-                f"{parameters} parameters need {sum(needs.values()) / 1e9:.1f} GB in {processes} process(es), "
-                f"more than the {available / 1e9:.1f} GB of memory available")
+                f"{parameters} parameters need {total / 1e9:.2f} GB in {processes} process(es), "
+                f"more than the {available / 1e9:.2f} GB of memory available")
     if not args.logdir:
         p.error("argument --logdir: expected a folder, got ''")
     if args.resume is not None:  # the run logs on in its own folder, not in --logdir
@@ -783,6 +786,10 @@ def auto_precision(accelerator: str, flags: set[str]) -> tuple[str, str]:
         return "bf16-mixed", f"auto: this CPU multiplies bf16 natively ({', '.join(native)})"
     # Without bf16 units torch emulates bf16 matmuls: 13x slower than float32 on an AVX2 EPYC.
     return "32-true", "auto: no native bf16 matmul on this device"
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # KiB: Linux
 
 
 def available_memory_bytes() -> int:
@@ -962,7 +969,6 @@ def report(args, trainer: pl.Trainer, seconds: dict, interrupted_by: int | None 
         os.remove(best_path)  # it holds the weights of a non-finite val_loss: no model worth keeping
         best_path = ""
     run_dir, rates = trainer.logger.log_dir, callback(trainer, TrainThroughput).rates
-    rss_unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in KiB on Linux, bytes on macOS
     summary = {
         "batch_size": model.hparams.batch_size,
         "lr": model.hparams.lr,
@@ -979,7 +985,7 @@ def report(args, trainer: pl.Trainer, seconds: dict, interrupted_by: int | None 
         "last_checkpoint": saved_path(last_checkpoint) or None,
         **seconds,
         "train_samples_per_second": statistics.median(rates) if rates else None,  # one slow step moves it not
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * rss_unit,
+        "peak_rss_bytes": peak_rss_bytes(),
         "peak_gpu_memory_bytes": (torch.cuda.max_memory_allocated() if trainer.strategy.root_device.type == "cuda"
                                   else None),
     }

@@ -82,15 +82,17 @@ def test_bad_values_exit_2_with_one_line_and_write_nothing(workdir, capsys, argv
 
 
 # What a TINY run keeps in memory on the CPU, per process: its stored rows, a byte a feature (500 validation
-# rows of 32 features, and with --fixed-data 4000 more), and 40 bytes a parameter of a (32 + 2) x hidden + 1 model.
+# rows of 32 features, and with --fixed-data 4000 more), and 40 bytes a parameter of a (32 + 2) x hidden + 1 model;
+# each process after the first also as much as this one holds already (RSS, here 1 MB).
 MEMORY = [(["--val-samples", "5000"], "--val-samples", 5000 * 32 + 40 * (34 * 64 + 1)),
           (["--fixed-data"], "--train-samples", 4500 * 32 + 40 * (34 * 64 + 1)),
           (["--hidden", "1024"], "--hidden", 500 * 32 + 40 * (34 * 1024 + 1)),
-          (["--hidden", "1024", "--devices", "3"], "--hidden", 3 * (500 * 32 + 40 * (34 * 1024 + 1)))]
+          (["--hidden", "1024", "--devices", "3"], "--hidden", 3 * (500 * 32 + 40 * (34 * 1024 + 1)) + 2 * 10**6)]
 
 
 @pytest.mark.parametrize("argv,flag,needed", MEMORY, ids=[" ".join(a) for a, _, _ in MEMORY])
 def test_a_run_that_cannot_fit_in_memory_exits_2(workdir, capsys, monkeypatch, argv, flag, needed):
+    monkeypatch.setattr(train, "peak_rss_bytes", lambda: 10**6)
     monkeypatch.setattr(train, "available_memory_bytes", lambda: needed - 1)
     assert_one_line_error(main_in_process(capsys, *TINY, *argv), flag, "GB of memory available")
     assert list(workdir.iterdir()) == []
@@ -102,7 +104,8 @@ def test_on_gpus_the_host_counts_the_stored_rows_and_one_copy_of_the_weights_per
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setattr(train, "auto_precision", lambda accelerator, flags: ("bf16-mixed", "test"))
-    needed = 4 * (500 * 32 + 4 * (34 * 64 + 1))  # --gpus -1: all 4
+    monkeypatch.setattr(train, "peak_rss_bytes", lambda: 10**6)
+    needed = 4 * (500 * 32 + 4 * (34 * 64 + 1)) + 3 * 10**6  # --gpus -1: all 4
     monkeypatch.setattr(train, "available_memory_bytes", lambda: needed - 1)
     assert_one_line_error(main_in_process(capsys, *TINY, "--gpus", "-1"), "--val-samples", "in 4 process(es)")
     monkeypatch.setattr(train, "available_memory_bytes", lambda: needed)
@@ -110,6 +113,17 @@ def test_on_gpus_the_host_counts_the_stored_rows_and_one_copy_of_the_weights_per
     # On the CPU "auto" is one process, GPUs or not: TINY's rows and its model at 40 bytes a parameter.
     monkeypatch.setattr(train, "available_memory_bytes", lambda: 500 * 32 + 40 * (34 * 64 + 1))
     assert train.parse_args([*TINY, "--accelerator", "cpu", "--devices", "auto"]).devices == "auto"
+
+
+@pytest.mark.parametrize("variable", ["LOCAL_RANK", "SLURM_LOCALID"])
+def test_only_the_node_s_first_process_checks_the_memory_for_all(workdir, capsys, monkeypatch, variable):
+    # Lightning starts --devices N's other processes after the first has tuned and filled memory: they must
+    # not refuse then (the first would wait for them for ever); under torchrun and srun they start together.
+    monkeypatch.setattr(train, "available_memory_bytes", lambda: 1)
+    monkeypatch.setenv(variable, "1")
+    assert train.parse_args([*TINY, "--devices", "2"]).devices == 2
+    monkeypatch.setenv(variable, "0")
+    assert_one_line_error(main_in_process(capsys, *TINY, "--devices", "2"), "--hidden", "in 2 process(es)")
 
 
 def test_a_cgroup_memory_limit_is_the_memory_available(workdir, capsys, monkeypatch, tmp_path):
