@@ -149,7 +149,7 @@ def test_a_cgroup_memory_limit_is_the_memory_available(workdir, capsys, monkeypa
             (pathlib.Path(mount) / "memory.stat").write_text(f"{cache_field} 0\n")
     assert train.available_memory_bytes() == 800_000_000
     assert_one_line_error(main_in_process(capsys, *TINY, "--hidden", "1000000"), "--hidden",
-                          "more than the 0.8 GB of memory available")
+                          "more than the 0.80 GB of memory available")
     assert train.parse_args([*TINY, "--hidden", "100000"]).hidden == 100000  # 136 MB
 
 
