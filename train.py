@@ -66,10 +66,9 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 
 NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs with bf16 matmul units
-# cgroup v2 ("" controllers) and v1 "memory": mount, limit file, usage file, memory.stat's reclaimable cache.
-CGROUP_MEMORY_FILES = {"": ("/sys/fs/cgroup", "memory.max", "memory.current", "inactive_file"),
-                       "memory": ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes",
-                                  "total_inactive_file")}
+# cgroup v2 ("" controllers) and v1 "memory": mount, limit file, usage file, memory.stat's prefix for subtrees.
+CGROUP_MEMORY_FILES = {"": ("/sys/fs/cgroup", "memory.max", "memory.current", ""),
+                       "memory": ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_")}
 MEMORY_FRACTION = 0.5  # of the RAM available when tuning starts that batches may use
 AVERAGING_GAMMA = 1  # the averaged weights span about the last half of the steps
 # The lr taken is the LR finder's lowest-loss lr over this (fastai's rule; Lightning's suggestion: docs/design.md).
@@ -804,7 +803,7 @@ def available_memory_bytes() -> int:
 
 
 def cgroup_headroom() -> list[int]:
-    """Limit - usage + reclaimable page cache, for every memory limit on this process's cgroups and their parents."""
+    """Limit - usage + page cache, for every memory limit on this process's cgroups and their parents."""
     headroom = []
     try:
         with open("/proc/self/cgroup") as cgroups:  # hierarchy:controllers:path, with "" as v2's controllers
@@ -815,14 +814,15 @@ def cgroup_headroom() -> list[int]:
         kind = "memory" if "memory" in controllers.split(",") else controllers
         if kind not in CGROUP_MEMORY_FILES:
             continue
-        mount, limit_file, usage_file, cache_field = CGROUP_MEMORY_FILES[kind]
+        mount, limit_file, usage_file, stat_prefix = CGROUP_MEMORY_FILES[kind]
         folder = os.path.normpath(mount + path)
         while folder.startswith(mount):
             files = pathlib.Path(folder)
             try:
                 limit, usage = (int((files / name).read_text()) for name in (limit_file, usage_file))
                 stat = dict(line.split() for line in (files / "memory.stat").read_text().splitlines())
-                headroom.append(limit - usage + int(stat[cache_field]))
+                cache = sum(int(stat[stat_prefix + name]) for name in ("active_file", "inactive_file"))
+                headroom.append(limit - usage + cache)  # page cache is given back under pressure
             except (OSError, ValueError, KeyError):  # not here, or no limit ("max")
                 pass
             folder = os.path.dirname(folder)

@@ -128,7 +128,7 @@ def test_only_the_node_s_first_process_checks_the_memory_for_all(workdir, capsys
 
 def test_a_cgroup_memory_limit_is_the_memory_available(workdir, capsys, monkeypatch, tmp_path):
     # A container's or a SLURM job's --mem, in a fake tree at this process's own cgroup paths (v1 and v2):
-    # a limit of 1 GB, 300 MB used of which 100 MB is reclaimable page cache, and no limit above it.
+    # a limit of 1 GB, 300 MB used of which 100 MB is page cache, and no limit above it.
     kinds = {kind: (str(tmp_path / (kind or "v2")), *files[1:]) for kind, files in train.CGROUP_MEMORY_FILES.items()}
     monkeypatch.setattr(train, "CGROUP_MEMORY_FILES", kinds)
     with open("/proc/self/cgroup") as cgroups:
@@ -137,16 +137,17 @@ def test_a_cgroup_memory_limit_is_the_memory_available(workdir, capsys, monkeypa
         kind = "memory" if "memory" in controllers.split(",") else controllers
         if kind not in kinds:
             continue
-        mount, limit_file, usage_file, cache_field = kinds[kind]
+        mount, limit_file, usage_file, prefix = kinds[kind]
         own = pathlib.Path(os.path.normpath(mount + path))
         own.mkdir(parents=True, exist_ok=True)
         (own / limit_file).write_text("1000000000\n")
         (own / usage_file).write_text("300000000\n")
-        (own / "memory.stat").write_text(f"cache 200000000\n{cache_field} 100000000\n")
+        (own / "memory.stat").write_text(f"{prefix}anon 150000000\n{prefix}active_file 60000000\n"
+                                         f"{prefix}inactive_file 40000000\n")
         if own != pathlib.Path(mount):  # the mount's root: no limit ("max" in v2, the largest number in v1)
             (pathlib.Path(mount) / limit_file).write_text("max\n" if kind == "" else f"{2**63 - 4096}\n")
             (pathlib.Path(mount) / usage_file).write_text("5000000000\n")
-            (pathlib.Path(mount) / "memory.stat").write_text(f"{cache_field} 0\n")
+            (pathlib.Path(mount) / "memory.stat").write_text(f"{prefix}active_file 0\n{prefix}inactive_file 0\n")
     assert train.available_memory_bytes() == 800_000_000
     assert_one_line_error(main_in_process(capsys, *TINY, "--hidden", "1000000"), "--hidden",
                           "more than the 0.80 GB of memory available")
