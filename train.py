@@ -702,10 +702,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     processes = args.devices  # on this node
     if processes in ("auto", -1):  # one on the CPU, every GPU otherwise
         processes = 1 if on_cpu else max(1, torch.cuda.device_count())
-    for launcher in (SLURMEnvironment, TorchElasticEnvironment):  # srun's or torchrun's processes must be these
+    launched = [launcher for launcher in (SLURMEnvironment, TorchElasticEnvironment) if launcher.detect()]
+    for launcher in launched:  # srun's or torchrun's processes must be these; Lightning checks only after tuning
         try:
-            if launcher.detect():
-                launcher().validate_settings(processes, args.num_nodes)  # Lightning checks only after tuning
+            launcher().validate_settings(processes, args.num_nodes)
         except (ValueError, RuntimeError) as error:
             p.error(f"argument --devices: {error}")
     stored = args.val_samples + (args.train_samples if args.fixed_data else 0)  # rows kept, a byte a feature
@@ -715,10 +715,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     needs = {"--train-samples" if args.fixed_data else "--val-samples": processes * stored * args.features,
              "--hidden": processes * parameters * (40 if on_cpu else 4)}
     total = sum(needs.values()) + (processes - 1) * peak_rss_bytes()  # each other process: torch, as this one
-    # The node's first process checks for all: the others may start once it has filled memory (Lightning's own).
-    first_on_node = all(os.environ.get(name, "0") == "0" for name in ("LOCAL_RANK", "SLURM_LOCALID"))
+    # Lightning starts the other processes once the first has filled memory: it checks for them (srun's, torchrun's
+    # start together and all check).
+    started_by_lightning = not launched and os.environ.get("LOCAL_RANK", "0") != "0"
     available = available_memory_bytes()
-    if first_on_node and total > available:
+    if not started_by_lightning and total > available:
         p.error(f"argument {max(needs, key=needs.get)}: {stored} stored rows of {args.features} features and "
                 f"{parameters} parameters need {total / 1e9:.2f} GB in {processes} process(es), "
                 f"more than the {available / 1e9:.2f} GB of memory available")

@@ -115,14 +115,21 @@ def test_on_gpus_the_host_counts_the_stored_rows_and_one_copy_of_the_weights_per
     assert train.parse_args([*TINY, "--accelerator", "cpu", "--devices", "auto"]).devices == "auto"
 
 
-@pytest.mark.parametrize("variable", ["LOCAL_RANK", "SLURM_LOCALID"])
-def test_only_the_node_s_first_process_checks_the_memory_for_all(workdir, capsys, monkeypatch, variable):
+SRUN_TASK_1 = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_PROCID": "1",
+               "SLURM_LOCALID": "1", "SLURM_NODEID": "0", "SLURM_JOB_ID": "1", "SLURM_JOB_NAME": "train",
+               "SLURM_NODELIST": "127.0.0.1", "LOCAL_RANK": "1"}
+
+
+def test_a_process_lightning_started_does_not_check_the_memory_but_srun_s_do(workdir, capsys, monkeypatch):
     # Lightning starts --devices N's other processes after the first has tuned and filled memory: they must
-    # not refuse then (the first would wait for them for ever); under torchrun and srun they start together.
+    # not refuse then (the first would wait for them for ever); srun's and torchrun's start together.
     monkeypatch.setattr(train, "available_memory_bytes", lambda: 1)
-    monkeypatch.setenv(variable, "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
     assert train.parse_args([*TINY, "--devices", "2"]).devices == 2
-    monkeypatch.setenv(variable, "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert_one_line_error(main_in_process(capsys, *TINY, "--devices", "2"), "--hidden", "in 2 process(es)")
+    for key, value in SRUN_TASK_1.items():
+        monkeypatch.setenv(key, value)
     assert_one_line_error(main_in_process(capsys, *TINY, "--devices", "2"), "--hidden", "in 2 process(es)")
 
 
