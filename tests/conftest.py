@@ -82,6 +82,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def slurm_env(rank: int, port: int) -> dict:
+    """What srun sets for task `rank` of a 2-task, 1-node job; Lightning takes its port from the job id."""
+    return {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_PROCID": str(rank),
+            "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0", "SLURM_JOB_ID": str(port - 15000),
+            "SLURM_JOB_NAME": "train", "SLURM_NODELIST": "127.0.0.1"}
+
+
 def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 

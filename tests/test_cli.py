@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train
-from conftest import ROOT, TINY, run_train
+from conftest import ROOT, TINY, run_train, slurm_env
 
 
 def assert_one_line_error(proc, *words):
@@ -115,11 +115,6 @@ def test_on_gpus_the_host_counts_the_stored_rows_and_one_copy_of_the_weights_per
     assert train.parse_args([*TINY, "--accelerator", "cpu", "--devices", "auto"]).devices == "auto"
 
 
-SRUN_TASK_1 = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_PROCID": "1",
-               "SLURM_LOCALID": "1", "SLURM_NODEID": "0", "SLURM_JOB_ID": "1", "SLURM_JOB_NAME": "train",
-               "SLURM_NODELIST": "127.0.0.1", "LOCAL_RANK": "1"}
-
-
 def test_a_process_lightning_started_does_not_check_the_memory_but_srun_s_do(workdir, capsys, monkeypatch):
     # Lightning starts --devices N's other processes after the first has tuned and filled memory: they must
     # not refuse then (the first would wait for them for ever); srun's and torchrun's start together.
@@ -128,7 +123,7 @@ def test_a_process_lightning_started_does_not_check_the_memory_but_srun_s_do(wor
     assert train.parse_args([*TINY, "--devices", "2"]).devices == 2
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert_one_line_error(main_in_process(capsys, *TINY, "--devices", "2"), "--hidden", "in 2 process(es)")
-    for key, value in SRUN_TASK_1.items():
+    for key, value in {**slurm_env(1, 15001), "LOCAL_RANK": "1"}.items():  # srun's task 1 on the node
         monkeypatch.setenv(key, value)
     assert_one_line_error(main_in_process(capsys, *TINY, "--devices", "2"), "--hidden", "in 2 process(es)")
 

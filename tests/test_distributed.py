@@ -16,7 +16,8 @@ import torch
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 
 import train
-from conftest import (ROOT, TINY, WIDE, free_port, kill_all, pids_running, start_train, summary, wait_for)
+from conftest import (ROOT, TINY, WIDE, free_port, kill_all, pids_running, slurm_env, start_train, summary,
+                      wait_for)
 from test_cli import assert_one_line_error, main_in_process
 
 DDP = [*WIDE, "--accelerator", "cpu", "--max-epochs", "5"]
@@ -141,13 +142,6 @@ def test_an_error_on_rank_0_ends_the_ranks_it_started_without_their_tracebacks(w
 def port_is_free(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) != 0
-
-
-def slurm_env(rank: int, port: int) -> dict:
-    """What srun sets for task `rank` of a 2-task, 1-node job; Lightning takes its port from the job id."""
-    return {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_PROCID": str(rank),
-            "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0", "SLURM_JOB_ID": str(port - 15000),
-            "SLURM_JOB_NAME": "train", "SLURM_NODELIST": "127.0.0.1"}
 
 
 def test_slurm(workdir):
