@@ -789,7 +789,8 @@ def auto_precision(accelerator: str, flags: set[str]) -> tuple[str, str]:
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # KiB: Linux
+    """This process's peak resident memory (ru_maxrss counts KiB on Linux, bytes on macOS)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def available_memory_bytes() -> int:
