@@ -672,13 +672,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--lr-decay-epochs", type=bounded(float, None, "a number > 0"), default=2.0,
                        help="the lr after E epochs is lr / (1 + E / N), set every step: halved after N (default: 2)")
     train.add_argument("--logdir", default="lightning_logs", help="runs go to LOGDIR/version_N (default: %(default)s)")
-    train.add_argument("--resume", metavar="CKPT",
-                       help="continue the run that wrote this last.ckpt, in its folder, with its tuned batch size "
-                            "and lr; the flags that define the run "
-                            f"({', '.join('--' + flag.replace('_', '-') for flag in RUN_DEFINING_FLAGS)}) "
-                            "must match it; --max-epochs, --max-time and the hardware flags may change")
-    train.add_argument("--fast-dev-run", action="store_true",
-                       help="one training and one validation batch, no tuning, no files: a smoke test")
+    either = train.add_mutually_exclusive_group()  # --fast-dev-run trains one batch in epoch 0: nothing to resume
+    either.add_argument("--resume", metavar="CKPT",
+                        help="continue the run that wrote this last.ckpt, in its folder, with its tuned batch size "
+                             "and lr; the flags that define the run "
+                             f"({', '.join('--' + flag.replace('_', '-') for flag in RUN_DEFINING_FLAGS)}) "
+                             "must match it; --max-epochs, --max-time and the hardware flags may change")
+    either.add_argument("--fast-dev-run", action="store_true",
+                        help="one training and one validation batch, no tuning, no files: a smoke test")
     args = p.parse_args(argv)
 
     if args.gpus is not None:
@@ -764,6 +765,10 @@ def checkpoint_hparams(p: OneLineParser, args: argparse.Namespace) -> dict:
         if hparams.get(flag) != getattr(args, flag):
             p.error(f"argument --resume: the checkpoint was made with --{flag.replace('_', '-')} "
                     f"{hparams.get(flag)}, not {getattr(args, flag)}")
+    trained = checkpoint["epoch"] + 1  # last.ckpt is saved at the end of an epoch
+    if args.max_epochs < trained:  # Lightning would end in a traceback
+        p.error(f"argument --max-epochs: the run has trained {trained} epochs; give --max-epochs {trained} "
+                "to end it there, with its report, or more to go on")
     return hparams
 
 

@@ -437,6 +437,23 @@ def test_max_epochs_may_change_and_the_reports_keep_the_run_s_patience(stopped_r
     assert hparams["patience"] == 20 and hparams["lr_decay_epochs"] == 1000
 
 
+@pytest.mark.parametrize("flag", ["--max-epochs", "--fast-dev-run"])
+def test_resume_refuses_fewer_epochs_than_the_run_has_trained_in_one_line(stopped_run, flag):
+    # Lightning raised a MisconfigurationException traceback for both (fast_dev_run sets max_epochs=1).
+    cwd, last = stopped_run
+    trained = summary(last.parent.parent)["epochs"]  # 3, or 5 after the test above
+    extra, message = {
+        "--max-epochs": (["--max-epochs", str(trained - 1)],
+                         f"argument --max-epochs: the run has trained {trained} epochs; give --max-epochs {trained} "
+                         "to end it there"),
+        "--fast-dev-run": (["--fast-dev-run"], "argument --fast-dev-run: not allowed with argument --resume")}[flag]
+    before = sorted(p.name for p in last.parent.parent.rglob("*"))
+    proc = run_train(*STALLS, "--precision", "32-true", "--resume", str(last), *extra, cwd=cwd, check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and message in proc.stderr
+    assert sorted(p.name for p in last.parent.parent.rglob("*")) == before
+
+
 def test_help_says_which_flags_may_change_on_resume():
     text = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True,
                           env={**os.environ, "COLUMNS": "200"}).stdout
