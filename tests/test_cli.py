@@ -171,6 +171,19 @@ def test_gpus_without_cuda_exits_2(workdir, capsys, argv):
     assert list(workdir.iterdir()) == []
 
 
+def test_more_gpus_than_cuda_sees_exits_2(workdir, capsys, monkeypatch):
+    # Lightning raised "You requested gpu: [0, 1] But your machine only has: [0]" in a traceback.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(train, "auto_precision", lambda accelerator, flags: ("bf16-mixed", "test"))
+    assert_one_line_error(main_in_process(capsys, *TINY, "--gpus", "2"), "--gpus: 2 GPUs asked for, but CUDA sees 1")
+    assert_one_line_error(main_in_process(capsys, *TINY, "--accelerator", "gpu", "--devices", "3"),
+                          "--devices: 3 GPUs asked for, but CUDA sees 1")
+    assert list(workdir.iterdir()) == []
+    for argv in (["--gpus", "1"], ["--gpus", "-1"], ["--accelerator", "auto", "--devices", "auto"]):
+        assert train.parse_args([*TINY, *argv]).accelerator in ("gpu", "auto")
+
+
 @pytest.mark.skipif(torch.backends.mps.is_available(), reason="checks the machine without MPS")
 def test_mps_where_there_is_none_exits_2(workdir, capsys):
     assert_one_line_error(main_in_process(capsys, "--accelerator", "mps"), "--accelerator", "mps")
@@ -202,9 +215,10 @@ def test_resume_from_missing_or_foreign_files(workdir, capsys):
 
 
 def test_every_train_py_command_in_the_readme_parses(monkeypatch, tmp_path):
-    """The README's commands name flags that exist, with values train.py accepts (GPUs assumed)."""
+    """The README's commands name flags that exist, with values train.py accepts (8 GPUs assumed)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     monkeypatch.setattr(train, "auto_precision", lambda accelerator, flags: ("bf16-mixed", "test"))
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
