@@ -326,6 +326,8 @@ def main(argv=None) -> int:
         return stop.interrupted(error)
     finally:
         stop.restore()
+        if torch.distributed.is_initialized():  # else gloo's threads can abort the exit (docs/design.md)
+            torch.distributed.destroy_process_group()
 
 
 def make_trainer(args, **kwargs) -> pl.Trainer:

@@ -139,6 +139,29 @@ def test_an_error_on_rank_0_ends_the_ranks_it_started_without_their_tracebacks(w
     assert pids_running(str(workdir)) == []
 
 
+# Put first on a job's PYTHONPATH: the last thing each process does says whether its process group is still up.
+PROCESS_GROUP_AT_EXIT = """import atexit, sys
+def check():
+    import torch.distributed
+    if torch.distributed.is_initialized():
+        print("process group still up at exit", file=sys.stderr)
+atexit.register(check)
+"""
+
+
+@pytest.mark.parametrize("launcher", ["script", "torchrun"])
+def test_every_rank_destroys_its_process_group_before_it_exits(workdir, tmp_path_factory, launcher):
+    # Left up, gloo's threads made the exit abort now and then: status 134, "terminate called without an active
+    # exception", after a run that had succeeded.
+    site = tmp_path_factory.mktemp("site")
+    (site / "sitecustomize.py").write_text(PROCESS_GROUP_AT_EXIT)
+    argv = [*(TORCHRUN + ["--standalone", "--nproc_per_node", "2"] if launcher == "torchrun" else [sys.executable]),
+            *train_argv("--devices", "2", "--fast-dev-run", workdir=workdir)]
+    out, err = run_job(workdir, [(argv, {"PYTHONPATH": str(site)})])
+    assert "still up" not in err and "terminate called" not in err, err[-3000:]
+    assert out.count("precision: ") == 1 and pids_running(str(workdir)) == []
+
+
 def port_is_free(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) != 0
