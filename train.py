@@ -236,11 +236,28 @@ class SumSignModel(pl.LightningModule):
 class IterateAveraging(WeightAveraging):
     """Validate, checkpoint and keep a polynomial-decay average of the weights (Shamir & Zhang 2013):
     step t moves it (gamma + 1) / (t + gamma) of the way, so it spans the last 1 / (gamma + 1) of training.
+    The average is float32 whatever the precision: in bf16 its late, small steps would round away.
     """
 
     def __init__(self, gamma: float = AVERAGING_GAMMA):
         super().__init__()
-        self.gamma = gamma
+        self.gamma, self.training_weights = gamma, None
+
+    def setup(self, trainer, pl_module, stage):
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":  # Lightning copies the model as it is: in bf16 under bf16-true
+            self._average_model.module.float()
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        # Lightning swaps the two through the model's weights, which would round the average to bf16 each epoch.
+        self.training_weights = [p.detach().clone() for p in pl_module.parameters()]
+        self._copy_average_to_current(pl_module)
+
+    @torch.no_grad()
+    def on_validation_epoch_end(self, trainer, pl_module):
+        for weight, training_weight in zip(pl_module.parameters(), self.training_weights):
+            weight.copy_(training_weight)
+        self.training_weights = None
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, *args):
