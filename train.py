@@ -187,7 +187,7 @@ class SumSignModel(pl.LightningModule):
         self.save_hyperparameters(logger=False)
         self.hidden = nn.Linear(features, hidden)
         self.out = nn.Linear(hidden, 1)  # no activation between: both layers are linear, as the article
-        self.val_acc = BinaryAccuracy()  # applies the sigmoid itself to logits
+        self.val_acc = BinaryAccuracy()
         self.train_loss_epoch = MeanMetric(nan_strategy="disable")  # its NaN check would sync a GPU every step
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -213,7 +213,7 @@ class SumSignModel(pl.LightningModule):
     def validation_step(self, batch, batch_idx):
         logits, loss = self._logits_and_loss(batch)
         self.log("val_loss", loss, prog_bar=True, sync_dist=True)
-        self.val_acc(logits, batch[1])
+        self.val_acc(logits > 0, batch[1])  # given logits all within [0, 1], torchmetrics takes them for probabilities
         self.log("val_acc", self.val_acc, prog_bar=True)
 
     def configure_optimizers(self):

@@ -5,6 +5,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.data import DataLoader
 
 import train
 from conftest import TINY
@@ -121,6 +122,24 @@ def test_model_shapes_and_outputs():
     w = (model.out.weight @ model.hidden.weight).squeeze(0)
     b = model.out.weight @ model.hidden.bias + model.out.bias
     assert torch.allclose(model.logits(x), x @ w + b, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision,logits,labels", [
+    ("32-true", [0.25, 0.25, 0.25], [1.0, 1.0, 0.0]),  # all within [0, 1]: taken for probabilities below 0.5
+    ("bf16-true", [0.001, -5.0], [1.0, 0.0]),  # the sigmoid of 0.001 in bf16 is exactly 0.5: a negative
+], ids=["logits-within-0-1", "small-logit-in-bf16"])
+def test_val_acc_counts_a_positive_logit_as_a_positive_prediction(precision, logits, labels):
+    model = SumSignModel(features=2, hidden=2)
+    with torch.no_grad():  # logit = the row's first value
+        model.hidden.weight.copy_(torch.eye(2))
+        model.hidden.bias.zero_()
+        model.out.weight.copy_(torch.tensor([[1.0, 0.0]]))
+        model.out.bias.zero_()
+    x, y = torch.tensor([[logit, 0.0] for logit in logits]), torch.tensor(labels)
+    trainer = pl.Trainer(precision=precision, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    (metrics,) = trainer.validate(model, dataloaders=DataLoader([(x, y)], batch_size=None), verbose=False)
+    assert metrics["val_acc"] == pytest.approx(((torch.tensor(logits) > 0).float() == y).float().mean().item())
 
 
 def test_training_loss_is_finite_where_sigmoid_saturates():
