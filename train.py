@@ -361,7 +361,7 @@ def make_trainer(args, **kwargs) -> pl.Trainer:
 
 def make_logger(args) -> TensorBoardLogger:
     if args.resume:  # log on in the resumed run's own folder, so its curves continue
-        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.resume)))
+        run_dir = run_folder(args.resume)
         return RunLogger(os.path.dirname(run_dir), name="", version=os.path.basename(run_dir),
                          default_hp_metric=False)
     return RunLogger(args.logdir, name="", default_hp_metric=False)
@@ -755,7 +755,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("argument --logdir: expected a folder, got ''")
     if args.resume is not None:  # the run logs on in its own folder, not in --logdir
         args.resume_hparams = checkpoint_hparams(p, args)
-        flag, folder = "--resume", os.path.dirname(os.path.dirname(os.path.abspath(args.resume)))
+        flag, folder = "--resume", run_folder(args.resume)
     else:
         flag, folder = "--logdir", os.path.abspath(args.logdir)
         while not os.path.exists(folder):  # the nearest existing folder must take new ones
@@ -797,6 +797,11 @@ def checkpoint_hparams(p: OneLineParser, args: argparse.Namespace) -> dict:
         p.error(f"argument --max-epochs: the run has trained {trained} epochs; give --max-epochs {trained} "
                 "to end it there, with its report, or more to go on")
     return hparams
+
+
+def run_folder(last_checkpoint: str) -> str:
+    """The version_N folder of the run whose checkpoints/ folder holds `last_checkpoint`: where a resume logs on."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(last_checkpoint)))
 
 
 def cpu_flags() -> set[str]:
