@@ -30,6 +30,13 @@ def main_in_process(capsys, *argv):
     return subprocess.CompletedProcess(argv, exit_info.value.code, captured.out, captured.err)
 
 
+def fake_gpus(monkeypatch, count: int) -> None:
+    """This machine as one with `count` CUDA GPUs that multiply bf16 natively (no GPU is needed)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(train, "auto_precision", lambda accelerator, flags: ("bf16-mixed", "test"))
+
+
 BAD = [
     (["--features", "0"], "--features"),
     (["--train-samples", "-5"], "--train-samples"),
@@ -101,9 +108,7 @@ def test_a_run_that_cannot_fit_in_memory_exits_2(workdir, capsys, monkeypatch, a
 
 
 def test_on_gpus_the_host_counts_the_stored_rows_and_one_copy_of_the_weights_per_gpu(workdir, capsys, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    monkeypatch.setattr(train, "auto_precision", lambda accelerator, flags: ("bf16-mixed", "test"))
+    fake_gpus(monkeypatch, 4)
     monkeypatch.setattr(train, "peak_rss_bytes", lambda: 10**6)
     needed = 4 * (500 * 32 + 4 * (34 * 64 + 1)) + 3 * 10**6  # --gpus -1: all 4
     monkeypatch.setattr(train, "available_memory_bytes", lambda: needed - 1)
@@ -173,9 +178,7 @@ def test_gpus_without_cuda_exits_2(workdir, capsys, argv):
 
 def test_more_gpus_than_cuda_sees_exits_2(workdir, capsys, monkeypatch):
     # Lightning raised "You requested gpu: [0, 1] But your machine only has: [0]" in a traceback.
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(train, "auto_precision", lambda accelerator, flags: ("bf16-mixed", "test"))
+    fake_gpus(monkeypatch, 1)
     assert_one_line_error(main_in_process(capsys, *TINY, "--gpus", "2"), "--gpus: 2 GPUs asked for, but CUDA sees 1")
     assert_one_line_error(main_in_process(capsys, *TINY, "--accelerator", "gpu", "--devices", "3"),
                           "--devices: 3 GPUs asked for, but CUDA sees 1")
@@ -217,9 +220,7 @@ def test_resume_from_missing_or_foreign_files(workdir, capsys):
 def test_every_train_py_command_in_the_readme_parses(monkeypatch, tmp_path):
     """The README's commands name flags that exist, with values train.py accepts (8 GPUs assumed)."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
-    monkeypatch.setattr(train, "auto_precision", lambda accelerator, flags: ("bf16-mixed", "test"))
+    fake_gpus(monkeypatch, 8)
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
     commands = [line.split("#")[0] for block in blocks for line in block.replace("\\\n", " ").splitlines()
