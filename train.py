@@ -336,8 +336,10 @@ def main(argv=None) -> int:
         return report(args, trainer, timings(t_start, t_tune, t_fit))
     except BaseException as error:  # after a signal, whatever ended the run is its consequence
         if stop.signum is None and isinstance(error, OSError):  # a full disk, a folder gone: the epochs kept stand
-            print(f"\n{os.path.basename(sys.argv[0])}: error: {error}; {stop.resume()}", file=sys.stderr, flush=True)
-            return 1
+            return fail(f"{error}; {stop.resume()}")
+        if stop.signum is None and isinstance(error, torch.OutOfMemoryError):  # too big for the GPU's memory
+            asked = ". ".join(str(error).replace("\n", " ").split(". ")[:3])  # the allocation, the GPU's total, free
+            return fail(f"{asked}; lower --hidden, --features or --batch-size (with --no-scale-batch-size)")
         if stop.signum is not None and stop.phase == "training" and not args.fast_dev_run:
             report(args, trainer, timings(t_start, t_tune, t_fit), interrupted_by=stop.signum)
         return stop.interrupted(error)
@@ -1045,6 +1047,12 @@ def report(args, trainer: pl.Trainer, seconds: dict, interrupted_by: int | None 
 def saved_path(checkpoint: ModelCheckpoint) -> str:
     """Absolute path of the file a ModelCheckpoint last kept, or "" if it has kept none."""
     return checkpoint.best_model_path and os.path.abspath(checkpoint.best_model_path)
+
+
+def fail(message: str) -> int:
+    """An error that ends a started run: one line, in argparse's form; exit status 1."""
+    print(f"\n{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr, flush=True)
+    return 1
 
 
 @rank_zero_only

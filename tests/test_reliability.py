@@ -1,4 +1,4 @@
-"""Reruns reproduce, interruptions lose nothing and leave nothing behind, divergence stops the run,
+"""Reruns reproduce, interruptions lose nothing and leave nothing behind, divergence and a GPU out of memory stop the run,
 summary.json is strict JSON."""
 
 import json
@@ -6,6 +6,7 @@ import os
 import re
 import shlex
 import signal
+import sys
 import threading
 
 import pytest
@@ -112,6 +113,27 @@ def test_divergence_stops_the_run_with_status_1(workdir):
     # the only "best" checkpoint held the non-finite weights of epoch 0: removed, and no metrics claimed
     assert s["checkpoint"] is None and s["best_val_loss"] is None and s["best_val_acc"] is None
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+
+
+def test_running_out_of_gpu_memory_ends_the_run_in_one_line(workdir, capsys, monkeypatch):
+    step = train.SumSignModel.training_step
+
+    def out_of_memory_in_epoch_1(self, batch, batch_idx):  # as a batch too big for what the GPU has left
+        if self.current_epoch == 1:
+            raise torch.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 8.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
+                "3.12 GiB is free. Including non-PyTorch memory, this process has 76.06 GiB memory in use. Of the "
+                "allocated memory 75.20 GiB is allocated by PyTorch.\nSee documentation for Memory Management")
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(train.SumSignModel, "training_step", out_of_memory_in_epoch_1)
+    assert train.main([*TINY, "--max-epochs", "3"]) == 1
+    err = capsys.readouterr().err  # the LR finder's progress bar, then the one line
+    assert "Traceback" not in err and err.endswith("\n"), err
+    assert err.splitlines()[-1] == (
+        f"{os.path.basename(sys.argv[0])}: error: CUDA out of memory. Tried to allocate 8.00 GiB. GPU 0 has a total "
+        "capacity of 79.19 GiB of which 3.12 GiB is free; lower --hidden, --features or --batch-size "
+        "(with --no-scale-batch-size)")
 
 
 def test_summary_is_strict_json_when_no_step_could_be_timed(workdir):
