@@ -1,5 +1,5 @@
-"""Reruns reproduce, interruptions lose nothing and leave nothing behind, divergence and a GPU out of memory stop the run,
-summary.json is strict JSON."""
+"""Reruns reproduce, interruptions lose nothing and leave nothing behind, divergence and a GPU out of
+memory stop the run, summary.json is strict JSON."""
 
 import json
 import os
