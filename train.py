@@ -823,7 +823,7 @@ def auto_precision(accelerator: str, flags: set[str]) -> tuple[str, str]:
     native = sorted(flags.intersection(NATIVE_BF16_CPU_FLAGS))
     if accelerator in ("cpu", "auto") and native:
         return "bf16-mixed", f"auto: this CPU multiplies bf16 natively ({', '.join(native)})"
-    # Without bf16 units torch emulates bf16 matmuls: 13x slower than float32 on an AVX2 EPYC.
+    # Without bf16 units torch emulates bf16 matmuls, far slower than float32 (docs/design.md).
     return "32-true", "auto: no native bf16 matmul on this device"
 
 
