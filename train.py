@@ -219,9 +219,13 @@ class SumSignModel(pl.LightningModule):
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, fused=True)
         # lr / (1 + epochs / N), lowered every step: fast at first, ever less noise later (docs/design.md).
-        steps = self.hparams.lr_decay_epochs * self.trainer.estimated_stepping_batches / self.trainer.max_epochs
-        decay = LambdaLR(optimizer, lambda step: 1 / (1 + step / steps))
+        decay = LambdaLR(optimizer, lambda _: 1 / (1 + self.epochs_trained() / self.hparams.lr_decay_epochs))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
+
+    def epochs_trained(self) -> float:
+        """Epochs trained, the running one's steps as a fraction: not steps, which a resume on more devices shrinks."""
+        steps = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return self.trainer.current_epoch + steps / self.trainer.num_training_batches
 
     def on_train_epoch_end(self):
         self.log("train_loss_epoch", self.train_loss_epoch, prog_bar=self.device.type != "cpu")
