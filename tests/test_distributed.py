@@ -251,12 +251,11 @@ def test_sigterm_during_fit_then_resume_under_the_same_launcher(workdir, launche
 
 def test_a_run_resumed_on_more_processes_keeps_its_lr_schedule_in_epochs(workdir):
     # --devices may change on --resume: each epoch then takes fewer steps, yet the lr is still lr / (1 + E / 2)
-    flags = [str(ROOT / "train.py"), *TINY, "--accelerator", "cpu", "--no-scale-batch-size", "--batch-size", "50",
-             "--no-lr-find", "--lr", "1e-3", "--logdir", str(workdir / "lightning_logs")]
-    run_job(workdir, [([sys.executable, *flags, "--max-epochs", "2"], {})])
+    flags = ["--no-scale-batch-size", "--batch-size", "50", "--no-lr-find", "--lr", "1e-3"]
+    run_job(workdir, [([sys.executable, *train_argv(*flags, "--max-epochs", "2", workdir=workdir)], {})])
     run = workdir / "lightning_logs" / "version_0"
     resume = ["--devices", "2", "--max-epochs", "4", "--resume", str(run / "checkpoints" / "last.ckpt")]
-    run_job(workdir, [([sys.executable, *flags, *resume], {})])
+    run_job(workdir, [([sys.executable, *train_argv(*flags, *resume, workdir=workdir)], {})])
     lrs = EventAccumulator(str(run)).Reload().Scalars("lr-Adam")  # logged as each epoch starts
     assert [e.step for e in lrs] == [0, 80, 160, 200]  # 4000 rows in batches of 50: 80 steps, then 40 a rank
     assert [e.value for e in lrs] == pytest.approx([1e-3 / (1 + epoch / 2) for epoch in range(4)], rel=1e-6)
