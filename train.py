@@ -1043,7 +1043,8 @@ def report(args, trainer: pl.Trainer, seconds: dict, interrupted_by: int | None 
             f"lr {model.hparams.lr:g}; lower --lr or drop --no-lr-find")
         return 1
     say(f"best checkpoint: {best_path} (val_acc {summary['best_val_acc']:.4f}, val_loss {best_val_loss:.4f})")
-    say(f"done in {seconds['total_seconds']:.0f} s: {summary['epochs']} epochs, ended by {ended}; summary in "
+    epochs = f"{summary['epochs']} epoch{'' if summary['epochs'] == 1 else 's'}"
+    say(f"done in {seconds['total_seconds']:.0f} s: {epochs}, ended by {ended}; summary in "
         f"{os.path.join(run_dir, 'summary.json')}; look at it with: tensorboard --logdir={os.path.dirname(run_dir)}")
     return 0
 

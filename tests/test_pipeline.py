@@ -152,6 +152,12 @@ def test_max_time_ends_a_run_and_says_so(workdir):
     assert "ended by max_time" in proc.stdout
 
 
+def test_the_done_line_counts_its_epochs_in_words(workdir, capsys):
+    for epochs, words in (("1", ": 1 epoch, ended by max_epochs"), ("2", ": 2 epochs, ended by max_epochs")):
+        assert train.main([*TINY, "--no-scale-batch-size", "--no-lr-find", "--max-epochs", epochs]) == 0
+        assert re.search(r"^done in \d+ s" + re.escape(words) + "; summary in ", capsys.readouterr().out, re.M)
+
+
 def test_fast_dev_run_writes_no_run_folder(workdir):
     proc = run_train(*TINY, "--fast-dev-run", cwd=workdir)
     assert list(workdir.iterdir()) == []
