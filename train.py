@@ -51,7 +51,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from lightning_utilities.core.apply_func import apply_to_collection
-from pytorch_lightning.accelerators import CUDAAccelerator
+from pytorch_lightning.accelerators import CUDAAccelerator, MPSAccelerator
 from pytorch_lightning.callbacks import (Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint, Timer,
                                          WeightAveraging)
 from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
@@ -721,12 +721,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("argument --accelerator: mps (Apple silicon) is not available here; use --accelerator cpu")
     args.accelerator, args.devices = args.accelerator or "cpu", args.devices or 1
     on_cpu = args.accelerator == "cpu" or (args.accelerator == "auto" and not torch.cuda.is_available())
-    if not on_cpu and args.accelerator != "mps" and args.devices != "auto":  # Lightning's check, without its traceback
+    if not on_cpu and args.devices != "auto":  # Lightning's check, without its traceback
+        mps = args.accelerator == "mps"  # Apple silicon: one GPU
         try:
-            CUDAAccelerator.parse_devices(args.devices)
+            (MPSAccelerator if mps else CUDAAccelerator).parse_devices(args.devices)
         except MisconfigurationException:
             p.error(f"argument {'--devices' if args.gpus is None else '--gpus'}: {args.devices} GPUs asked for, "
-                    f"but CUDA sees {torch.cuda.device_count()} here")
+                    f"but {'MPS sees 1' if mps else f'CUDA sees {torch.cuda.device_count()}'} here")
     if on_cpu and args.devices == -1:
         p.error("argument --devices: -1 (all) counts GPUs; on the CPU give the number of processes")
     if on_cpu and args.precision == "16-mixed":

@@ -6,6 +6,7 @@ import re
 import shlex
 import subprocess
 
+import lightning_fabric.accelerators.mps
 import pytest
 import torch
 
@@ -185,6 +186,17 @@ def test_more_gpus_than_cuda_sees_exits_2(workdir, capsys, monkeypatch):
     assert list(workdir.iterdir()) == []
     for argv in (["--gpus", "1"], ["--gpus", "-1"], ["--accelerator", "auto", "--devices", "auto"]):
         assert train.parse_args([*TINY, *argv]).accelerator in ("gpu", "auto")
+
+
+def test_more_than_apple_silicon_s_one_gpu_exits_2(workdir, capsys, monkeypatch):
+    # Lightning raised "You requested gpu: [0, 1] But your machine only has: [0]" in a traceback.
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)  # this machine as a Mac
+    monkeypatch.setattr(lightning_fabric.accelerators.mps.MPSAccelerator, "is_available", lambda: True)
+    assert_one_line_error(main_in_process(capsys, *TINY, "--accelerator", "mps", "--devices", "2"),
+                          "--devices: 2 GPUs asked for, but MPS sees 1")
+    assert list(workdir.iterdir()) == []
+    for devices in ("1", "-1", "auto"):
+        assert train.parse_args([*TINY, "--accelerator", "mps", "--devices", devices]).accelerator == "mps"
 
 
 @pytest.mark.skipif(torch.backends.mps.is_available(), reason="checks the machine without MPS")
