@@ -749,14 +749,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     # Adam's moments, the average, a checkpoint's copies); on a GPU the host holds the weights' first copy.
     needs = {"--train-samples" if args.fixed_data else "--val-samples": processes * stored * args.features,
              "--hidden": processes * parameters * (40 if on_cpu else 4)}
+    batch = min(args.batch_size, max(args.train_samples, args.val_samples))  # no batch holds more rows than a split
+    if on_cpu and args.no_scale_batch_size:  # else the batch-size search keeps batches within the memory
+        needs["--batch-size"] = processes * batch * 5 * args.features  # int8 codes, a 4-byte copy
     total = sum(needs.values()) + (processes - 1) * peak_rss_bytes()  # each other process: torch, as this one
     # Lightning starts the other processes once the first has filled memory: it checks for them (srun's, torchrun's
     # start together and all check).
     started_by_lightning = not launched and os.environ.get("LOCAL_RANK", "0") != "0"
     available = available_memory_bytes()
     if not started_by_lightning and total > available:
-        p.error(f"argument {max(needs, key=needs.get)}: {stored} stored rows of {args.features} features and "
-                f"{parameters} parameters need {total / 1e9:.2f} GB in {processes} process(es), "
+        batches = f", batches of {batch} rows" if "--batch-size" in needs else ""
+        p.error(f"argument {max(needs, key=needs.get)}: {stored} stored rows of {args.features} features{batches} "
+                f"and {parameters} parameters need {total / 1e9:.2f} GB in {processes} process(es), "
                 f"more than the {available / 1e9:.2f} GB of memory available")
     if not args.logdir:
         p.error("argument --logdir: expected a folder, got ''")

@@ -95,7 +95,13 @@ def test_bad_values_exit_2_with_one_line_and_write_nothing(workdir, capsys, argv
 MEMORY = [(["--val-samples", "5000"], "--val-samples", 5000 * 32 + 40 * (34 * 64 + 1)),
           (["--fixed-data"], "--train-samples", 4500 * 32 + 40 * (34 * 64 + 1)),
           (["--hidden", "1024"], "--hidden", 500 * 32 + 40 * (34 * 1024 + 1)),
-          (["--hidden", "1024", "--devices", "3"], "--hidden", 3 * (500 * 32 + 40 * (34 * 1024 + 1)) + 2 * 10**6)]
+          (["--hidden", "1024", "--devices", "3"], "--hidden", 3 * (500 * 32 + 40 * (34 * 1024 + 1)) + 2 * 10**6),
+          # a batch the search does not bound: 5 bytes a feature and row (int8 codes, an int32 or float32 copy),
+          # and no more rows than the larger split holds
+          (["--no-scale-batch-size", "--batch-size", "3000"], "--batch-size",
+           500 * 32 + 40 * (34 * 64 + 1) + 3000 * 5 * 32),
+          (["--no-scale-batch-size", "--batch-size", "100000"], "--batch-size",
+           500 * 32 + 40 * (34 * 64 + 1) + 4000 * 5 * 32)]
 
 
 @pytest.mark.parametrize("argv,flag,needed", MEMORY, ids=[" ".join(a) for a, _, _ in MEMORY])
