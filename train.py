@@ -749,7 +749,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     # Adam's moments, the average, a checkpoint's copies); on a GPU the host holds the weights' first copy.
     needs = {"--train-samples" if args.fixed_data else "--val-samples": processes * stored * args.features,
              "--hidden": processes * parameters * (40 if on_cpu else 4)}
-    batch = min(args.batch_size, max(args.train_samples, args.val_samples))  # no batch holds more rows than a split
+    # No batch holds more rows than a rank's share of the larger split.
+    batch = min(args.batch_size, -(-max(args.train_samples, args.val_samples) // (processes * args.num_nodes)))
     if on_cpu and args.no_scale_batch_size:  # else the batch-size search keeps batches within the memory
         needs["--batch-size"] = processes * batch * 5 * args.features  # int8 codes, a 4-byte copy
     total = sum(needs.values()) + (processes - 1) * peak_rss_bytes()  # each other process: torch, as this one

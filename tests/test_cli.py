@@ -97,11 +97,13 @@ MEMORY = [(["--val-samples", "5000"], "--val-samples", 5000 * 32 + 40 * (34 * 64
           (["--hidden", "1024"], "--hidden", 500 * 32 + 40 * (34 * 1024 + 1)),
           (["--hidden", "1024", "--devices", "3"], "--hidden", 3 * (500 * 32 + 40 * (34 * 1024 + 1)) + 2 * 10**6),
           # a batch the search does not bound: 5 bytes a feature and row (int8 codes, an int32 or float32 copy),
-          # and no more rows than the larger split holds
+          # and no more rows than a rank's share of the larger split
           (["--no-scale-batch-size", "--batch-size", "3000"], "--batch-size",
            500 * 32 + 40 * (34 * 64 + 1) + 3000 * 5 * 32),
           (["--no-scale-batch-size", "--batch-size", "100000"], "--batch-size",
-           500 * 32 + 40 * (34 * 64 + 1) + 4000 * 5 * 32)]
+           500 * 32 + 40 * (34 * 64 + 1) + 4000 * 5 * 32),
+          (["--no-scale-batch-size", "--batch-size", "100000", "--devices", "2"], "--batch-size",
+           2 * (500 * 32 + 40 * (34 * 64 + 1) + 2000 * 5 * 32) + 10**6)]
 
 
 @pytest.mark.parametrize("argv,flag,needed", MEMORY, ids=[" ".join(a) for a, _, _ in MEMORY])
