@@ -751,7 +751,7 @@ def parse_args(argv=None) -> argparse.Namespace:
              "--hidden": processes * parameters * (40 if on_cpu else 4)}
     # No batch holds more rows than a rank's share of the larger split.
     batch = min(args.batch_size, -(-max(args.train_samples, args.val_samples) // (processes * args.num_nodes)))
-    if on_cpu and args.no_scale_batch_size:  # else the batch-size search keeps batches within the memory
+    if on_cpu and (args.no_scale_batch_size or args.fast_dev_run):  # else the search keeps batches within memory
         needs["--batch-size"] = processes * batch * 5 * args.features  # int8 codes, a 4-byte copy
     total = sum(needs.values()) + (processes - 1) * peak_rss_bytes()  # each other process: torch, as this one
     # Lightning starts the other processes once the first has filled memory: it checks for them (srun's, torchrun's

@@ -103,7 +103,8 @@ MEMORY = [(["--val-samples", "5000"], "--val-samples", 5000 * 32 + 40 * (34 * 64
           (["--no-scale-batch-size", "--batch-size", "100000"], "--batch-size",
            500 * 32 + 40 * (34 * 64 + 1) + 4000 * 5 * 32),
           (["--no-scale-batch-size", "--batch-size", "100000", "--devices", "2"], "--batch-size",
-           2 * (500 * 32 + 40 * (34 * 64 + 1) + 2000 * 5 * 32) + 10**6)]
+           2 * (500 * 32 + 40 * (34 * 64 + 1) + 2000 * 5 * 32) + 10**6),
+          (["--fast-dev-run", "--batch-size", "3000"], "--batch-size", 500 * 32 + 40 * (34 * 64 + 1) + 3000 * 5 * 32)]
 
 
 @pytest.mark.parametrize("argv,flag,needed", MEMORY, ids=[" ".join(a) for a, _, _ in MEMORY])
