@@ -339,8 +339,15 @@ def test_a_signal_before_a_resumed_run_restores_its_checkpoint_names_that_checkp
     assert summary(last.parent.parent)["epochs"] == 4
 
 
-def readme_requeue_script() -> str:
-    return re.search(r"```bash\n(#SBATCH.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+def readme_requeue_job(workdir, command: str) -> Path:
+    """The README's SLURM script as workdir/job.sh, with `command` in place of its train.py command; srun runs
+    the command here, and scontrol notes the requeue in workdir/requeued."""
+    script = re.search(r"```bash\n(#SBATCH.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    assert "python train.py --gpus 8 --num-nodes 2 " in script
+    job = workdir / "job.sh"
+    job.write_text('srun() { "$@"; }\nscontrol() { echo "$@" >> requeued; }\n'
+                   + script.replace("python train.py --gpus 8 --num-nodes 2", command))
+    return job
 
 
 @pytest.mark.parametrize("end,requeued", [("exit 143", True), ("kill -KILL $$", False), ("kill -ABRT $$", False),
@@ -348,20 +355,15 @@ def readme_requeue_script() -> str:
 def test_the_readme_s_slurm_requeue_script_requeues_only_a_run_stopped_by_sigterm(workdir, end, requeued):
     # 143 is train.py's exit after SIGTERM; a kill (the kernel's OOM killer: 137) or an abort (134) would
     # end every requeued job the same way, for ever.
-    script = readme_requeue_script().replace("python train.py", f"sh -c {shlex.quote(end)} train.py")
-    (workdir / "job.sh").write_text(f'srun() {{ "$@"; }}\nscontrol() {{ echo "$@" >> requeued; }}\n{script}')
-    subprocess.run(["bash", "job.sh"], cwd=workdir, env={**os.environ, "SLURM_JOB_ID": "42"}, timeout=60)
+    job = readme_requeue_job(workdir, f"sh -c {shlex.quote(end)}")
+    subprocess.run(["bash", str(job)], cwd=workdir, env={**os.environ, "SLURM_JOB_ID": "42"}, timeout=60)
     assert (workdir / "requeued").exists() == requeued
 
 
 def test_the_readme_s_slurm_requeue_script_resumes_after_a_stop_before_the_first_epoch(workdir):
-    script = readme_requeue_script()
     flags = [*TINY, "--no-scale-batch-size", "--no-lr-find", "--lr", "1e-3", "--max-epochs", "4"]
-    assert "python train.py --gpus 8 --num-nodes 2 " in script
-    script = script.replace("python train.py --gpus 8 --num-nodes 2",
-                            f"{shlex.quote(sys.executable)} {shlex.quote(str(ROOT / 'train.py'))} {shlex.join(flags)}")
-    job = workdir / "job.sh"  # srun runs the command here; scontrol notes the requeue
-    job.write_text(f'srun() {{ "$@"; }}\nscontrol() {{ echo "$@" >> requeued; }}\n{script}')
+    job = readme_requeue_job(workdir, f"{shlex.quote(sys.executable)} {shlex.quote(str(ROOT / 'train.py'))} "
+                                      f"{shlex.join(flags)}")
     runs = workdir / "runs" / "42"
     (runs / "version_0").mkdir(parents=True)  # what a job stopped before its first epoch ended leaves
 
