@@ -335,7 +335,9 @@ def main(argv=None) -> int:
         trainer.fit(model, datamodule=datamodule, ckpt_path=args.resume)
         stop.phase = "the report"
         stop.training_done()
-        if args.fast_dev_run:
+        if args.fast_dev_run:  # a smoke test: no report, no files
+            say(f"fast dev run passed: one training and one validation batch (val_loss "
+                f"{trainer.callback_metrics['val_loss']:.4f}); nothing written")
             return 0
         return report(args, trainer, timings(t_start, t_tune, t_fit))
     except BaseException as error:  # after a signal, whatever ended the run is its consequence
