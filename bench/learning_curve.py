@@ -94,6 +94,11 @@ def limit_alpha(accuracy: float, alphas, accuracies) -> float:
     return math.exp(math.log(a0) + (accuracy - c0) / (c1 - c0) * (math.log(a1) - math.log(a0)))
 
 
+def theory_alphas(longest: float) -> list[float]:
+    """Where the limits are drawn: past the longest run, and past alpha 86, where they reach every target."""
+    return list(np.geomspace(0.5, max(longest, 100) * 1.2, 120))
+
+
 # --- the runs ---------------------------------------------------------------------------------------
 def run(argv: list[str]) -> tuple[dict, list[float]]:
     """train.main() in this process; the run's summary.json and its val_acc after each epoch."""
@@ -122,7 +127,7 @@ def main():
     fixed = {spf: run([*common, "--fixed-data", "--train-samples", str(int(spf * args.features))])
              for spf in args.fixed_spf}
 
-    theory_alpha = list(np.geomspace(0.5, max(fresh_alpha[-1], 2 * args.fixed_spf[-1]) * 1.2, 120))
+    theory_alpha = theory_alphas(max(fresh_alpha[-1], 2 * args.fixed_spf[-1]))
     online, bayes = optimal_online(theory_alpha), bayes_batch(theory_alpha)
     print(f"\n{args.features} features, validation on {args.val_samples} never-seen rows, precision "
           f"{fresh_summary['precision']}")
