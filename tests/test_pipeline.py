@@ -158,12 +158,14 @@ def test_the_done_line_counts_its_epochs_in_words(workdir, capsys):
         assert re.search(r"^done in \d+ s" + re.escape(words) + "; summary in ", capsys.readouterr().out, re.M)
 
 
-def test_fast_dev_run_says_it_passed_and_writes_no_run_folder(workdir):
-    proc = run_train(*TINY, "--fast-dev-run", cwd=workdir)
+@pytest.mark.parametrize("lr,status,result,val_loss", [("1e-06", 0, "passed", r"\d\.\d{4}"), ("1e+30", 1, "failed", "nan")])
+def test_fast_dev_run_says_whether_it_passed_and_writes_no_run_folder(workdir, lr, status, result, val_loss):
+    proc = run_train(*TINY, "--fast-dev-run", "--lr", lr, cwd=workdir, check=False)
+    assert proc.returncode == status, proc.stderr[-3000:]
     assert list(workdir.iterdir()) == []
     assert "batch size:" not in proc.stdout and "learning rate:" not in proc.stdout
-    assert len(re.findall(r"^fast dev run passed: one training and one validation batch \(val_loss \d\.\d{4}\); "
-                          r"nothing written$", proc.stdout, re.M)) == 1
+    assert len(re.findall(rf"^fast dev run {result}: one training and one validation batch at lr {re.escape(lr)}, "
+                          rf"val_loss {val_loss}; nothing written$", proc.stdout, re.M)) == 1
 
 
 def test_readme_load_and_predict_snippet(default_run):
