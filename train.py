@@ -735,8 +735,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("argument --devices: -1 (all) counts GPUs; on the CPU give the number of processes")
     if on_cpu and args.precision == "16-mixed":
         p.error("argument --precision: 16-mixed needs a GPU; on the CPU use bf16-mixed or 32-true")
-    args.precision, args.precision_reason = (auto_precision(args.accelerator, cpu_flags())
+    flags = cpu_flags()
+    args.precision, args.precision_reason = (auto_precision(args.accelerator, flags)
                                              if args.precision == "auto" else (args.precision, "--precision"))
+    if on_cpu and "bf16" in args.precision and flags and not flags.intersection(NATIVE_BF16_CPU_FLAGS):
+        args.precision_reason += "; no bf16 matmul units on this CPU: torch emulates them, ~9x slower than 32-true"
     processes = args.devices  # on this node
     if processes in ("auto", -1):  # one on the CPU, every GPU otherwise
         processes = 1 if on_cpu else max(1, torch.cuda.device_count())

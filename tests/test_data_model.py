@@ -197,6 +197,22 @@ def test_auto_precision_follows_the_cpu_flags(flags, precision, monkeypatch):
     assert train.auto_precision("mps", flags)[0] == "32-true"
 
 
+@pytest.mark.parametrize("flags,argv,slow", [
+    ({"avx2", "fma"}, ["--precision", "bf16-mixed"], True),
+    ({"avx2", "fma"}, ["--precision", "bf16-true"], True),
+    ({"avx2", "fma"}, ["--precision", "32-true"], False),
+    ({"avx2", "avx512f", "avx512_bf16"}, ["--precision", "bf16-mixed"], False),
+    (set(), ["--precision", "bf16-mixed"], False),  # flags unknown: nothing claimed
+])
+def test_bf16_asked_for_on_a_cpu_without_bf16_units_says_it_is_emulated(flags, argv, slow, workdir, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(train, "cpu_flags", lambda: flags)
+    args = train.parse_args([*TINY, *argv])
+    assert args.precision == argv[1]
+    assert args.precision_reason == "--precision" + (
+        "; no bf16 matmul units on this CPU: torch emulates them, ~9x slower than 32-true" if slow else "")
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_precision_on_a_gpu(native, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
