@@ -505,10 +505,12 @@ class RunCheckpoint(ModelCheckpoint):
 
 
 class ResumableEarlyStopping(EarlyStopping):
-    """EarlyStopping whose run, once stopped, stays stopped when resumed (Lightning trains one more epoch)."""
+    """EarlyStopping whose run, once stopped by it or by divergence, stays stopped when resumed (Lightning
+    trains one more epoch)."""
 
     def on_train_start(self, trainer, pl_module):
-        trainer.should_stop = self.stopping_reason != EarlyStoppingReason.NOT_STOPPED
+        trainer.should_stop = any(c.stopping_reason != EarlyStoppingReason.NOT_STOPPED
+                                  for c in trainer.early_stopping_callbacks)
 
 
 class CheckpointWriter(TorchCheckpointIO):
@@ -1022,8 +1024,9 @@ def report(args, trainer: pl.Trainer, seconds: dict, interrupted_by: int | None 
     model, (best_checkpoint, last_checkpoint) = trainer.lightning_module, trainer.checkpoint_callbacks
     best_path = saved_path(best_checkpoint)
     best_val_loss = callback(trainer, BestEpoch).val_loss
-    if best_path and best_val_loss is None:
-        os.remove(best_path)  # it holds the weights of a non-finite val_loss: no model worth keeping
+    if best_path and best_val_loss is None:  # it holds the weights of a non-finite val_loss: no model worth keeping
+        with contextlib.suppress(FileNotFoundError):  # a resumed run's report finds it removed
+            os.remove(best_path)
         best_path = ""
     run_dir, rates = trainer.logger.log_dir, callback(trainer, TrainThroughput).rates
     summary = {
