@@ -789,6 +789,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def checkpoint_hparams(p: OneLineParser, args: argparse.Namespace) -> dict:
     """The hyperparameters of the run --resume continues, after checking that it is that run."""
+    if os.path.isdir(args.resume):
+        p.error(f"argument --resume: {args.resume!r} is a folder; give the run's checkpoints/last.ckpt")
     if not os.path.isfile(args.resume):
         p.error(f"argument --resume: no such file: {args.resume!r}")
     try:

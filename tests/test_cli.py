@@ -235,7 +235,11 @@ def test_resume_from_missing_or_foreign_files(workdir, capsys):
     assert_one_line_error(main_in_process(capsys, "--resume", "junk.ckpt"), "--resume", "not a checkpoint")
     torch.save({"weights": torch.zeros(2)}, workdir / "plain.ckpt")
     assert_one_line_error(main_in_process(capsys, "--resume", "plain.ckpt"), "--resume", "not a checkpoint")
-    assert sorted(p.name for p in workdir.iterdir()) == ["junk.ckpt", "plain.ckpt"]
+    (workdir / "version_0" / "checkpoints").mkdir(parents=True)  # a run's folder, not its last.ckpt
+    for folder in ("version_0", "version_0/checkpoints"):
+        assert_one_line_error(main_in_process(capsys, "--resume", folder), "--resume",
+                              f"'{folder}' is a folder; give the run's checkpoints/last.ckpt")
+    assert sorted(p.name for p in workdir.iterdir()) == ["junk.ckpt", "plain.ckpt", "version_0"]
 
 
 def test_every_train_py_command_in_the_readme_parses(monkeypatch, tmp_path):
