@@ -337,9 +337,10 @@ def main(argv=None) -> int:
         stop.training_done()
         if args.fast_dev_run:  # a smoke test: no report, no files
             val_loss = trainer.callback_metrics["val_loss"].item()  # averaged over ranks: the same on each
-            say(f"fast dev run {'passed' if math.isfinite(val_loss) else 'failed'}: one training and one validation "
-                f"batch at lr {args.lr:g}, val_loss {val_loss:.4f}; nothing written")
-            return 0 if math.isfinite(val_loss) else 1
+            passed = math.isfinite(val_loss)
+            say(f"fast dev run {'passed' if passed else 'failed'}: one training and one validation batch at lr "
+                f"{args.lr:g}, val_loss {val_loss:.4f}; nothing written")
+            return 0 if passed else 1
         return report(args, trainer, timings(t_start, t_tune, t_fit))
     except BaseException as error:  # after a signal, whatever ended the run is its consequence
         if stop.signum is None and isinstance(error, OSError):  # a full disk, a folder gone: the epochs kept stand

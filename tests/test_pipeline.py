@@ -158,7 +158,8 @@ def test_the_done_line_counts_its_epochs_in_words(workdir, capsys):
         assert re.search(r"^done in \d+ s" + re.escape(words) + "; summary in ", capsys.readouterr().out, re.M)
 
 
-@pytest.mark.parametrize("lr,status,result,val_loss", [("1e-06", 0, "passed", r"\d\.\d{4}"), ("1e+30", 1, "failed", "nan")])
+@pytest.mark.parametrize("lr,status,result,val_loss",
+                         [("1e-06", 0, "passed", r"\d\.\d{4}"), ("1e+30", 1, "failed", "nan")])
 def test_fast_dev_run_says_whether_it_passed_and_writes_no_run_folder(workdir, lr, status, result, val_loss):
     proc = run_train(*TINY, "--fast-dev-run", "--lr", lr, cwd=workdir, check=False)
     assert proc.returncode == status, proc.stderr[-3000:]
