@@ -67,7 +67,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 
-NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs with bf16 matmul units
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs with bf16 matmul units
 # cgroup v2 ("" controllers) and v1 "memory": mount, limit file, usage file, memory.stat's prefix for subtrees.
 CGROUP_MEMORY_FILES = {"": ("/sys/fs/cgroup", "memory.max", "memory.current", ""),
                        "memory": ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_")}
@@ -669,8 +669,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     hw.add_argument("--devices", type=devices_arg, help="devices per node: N >= 1, -1 for all, or auto (default: 1)")
     hw.add_argument("--num-nodes", type=count, default=1, help="machines in the job (default: 1)")
     hw.add_argument("--precision", choices=("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"), default="auto",
-                    help="Lightning precision; auto = bf16-mixed where the GPU or CPU (AMX, AVX512_BF16) multiplies "
-                         "bf16 natively, else 32-true, with TF32 matmuls on GPUs (default: auto)")
+                    help="Lightning precision; auto = bf16-mixed where the GPU multiplies bf16 natively or the CPU "
+                         "faster than float32 (AMX, or AVX512_BF16 on AMD), else 32-true, with TF32 matmuls on "
+                         "GPUs (default: auto)")
     hw.add_argument("--deterministic", action="store_true",
                     help="deterministic GPU kernels: bit-identical GPU reruns, slower (CPU reruns are anyway)")
     data = p.add_argument_group("data and model")
@@ -741,8 +742,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     flags = cpu_flags()
     args.precision, args.precision_reason = (auto_precision(args.accelerator, flags)
                                              if args.precision == "auto" else (args.precision, "--precision"))
-    if on_cpu and "bf16" in args.precision and flags and not flags.intersection(NATIVE_BF16_CPU_FLAGS):
-        args.precision_reason += "; no bf16 matmul units on this CPU: torch emulates them, ~9x slower than 32-true"
+    if on_cpu and "bf16" in args.precision and flags and not fast_bf16_cpu(flags):
+        slower = "~1.5x" if flags.intersection(BF16_CPU_FLAGS) else "~9x (no bf16 units: torch emulates them)"
+        args.precision_reason += f"; bf16 matmuls on this CPU take {slower} the time of 32-true's"
     processes = args.devices  # on this node
     if processes in ("auto", -1):  # one on the CPU, every GPU otherwise
         processes = 1 if on_cpu else max(1, torch.cuda.device_count())
@@ -828,24 +830,30 @@ def run_folder(last_checkpoint: str) -> str:
 
 
 def cpu_flags() -> set[str]:
+    """The CPU's feature flags and vendor as Linux lists them, e.g. {"avx512_bf16", ..., "AuthenticAMD"}."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            return next((set(line.split(":", 1)[1].split()) for line in cpuinfo if line.startswith("flags")), set())
+            lines = [line.split(":", 1)[1] for line in cpuinfo if line.startswith(("flags", "vendor_id"))]
     except OSError:  # not Linux: no flags known, so no bf16 claimed
         return set()
+    return {word for line in lines for word in line.split()}
+
+
+def fast_bf16_cpu(flags: set[str]) -> bool:
+    """Whether bf16 matmuls outrun float32's here: with AMX, or AVX512_BF16 on AMD (not on Intel: docs/design.md)."""
+    return "amx_bf16" in flags or {"avx512_bf16", "AuthenticAMD"} <= flags
 
 
 def auto_precision(accelerator: str, flags: set[str]) -> tuple[str, str]:
-    """bf16-mixed where the hardware multiplies bf16 natively, else 32-true; and why."""
+    """bf16-mixed where the hardware multiplies bf16 faster than float32, else 32-true; and why."""
     if accelerator in ("gpu", "auto") and torch.cuda.is_available():
         if torch.cuda.is_bf16_supported(including_emulation=False):
             return "bf16-mixed", f"auto: {torch.cuda.get_device_name()} multiplies bf16 natively"
         return "32-true", f"auto: {torch.cuda.get_device_name()} has no native bf16"
-    native = sorted(flags.intersection(NATIVE_BF16_CPU_FLAGS))
-    if accelerator in ("cpu", "auto") and native:
-        return "bf16-mixed", f"auto: this CPU multiplies bf16 natively ({', '.join(native)})"
-    # Without bf16 units torch emulates bf16 matmuls, far slower than float32 (docs/design.md).
-    return "32-true", "auto: no native bf16 matmul on this device"
+    if accelerator in ("cpu", "auto") and fast_bf16_cpu(flags):
+        units = "amx_bf16" if "amx_bf16" in flags else "avx512_bf16 on AMD"
+        return "bf16-mixed", f"auto: this CPU multiplies bf16 faster than float32 ({units})"
+    return "32-true", "auto: no bf16 matmul faster than float32 on this device"
 
 
 def peak_rss_bytes() -> int:

@@ -166,8 +166,8 @@ def cpu_name() -> str:
             name = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
     except (OSError, StopIteration):
         name = "unknown CPU"
-    bf16 = sorted(train.cpu_flags().intersection(train.NATIVE_BF16_CPU_FLAGS))
-    return f"{name} ({', '.join(bf16) or 'no native bf16'}), {torch.get_num_threads()} threads"
+    bf16 = sorted(train.cpu_flags().intersection(train.BF16_CPU_FLAGS))
+    return f"{name} ({', '.join(bf16) or 'no bf16 units'}), {torch.get_num_threads()} threads"
 
 
 def main():

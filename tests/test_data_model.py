@@ -186,9 +186,10 @@ def test_the_average_is_the_polynomial_decay_one_and_reads_nothing_back_from_the
 
 
 @pytest.mark.parametrize("flags,precision", [
-    ({"avx2", "fma"}, "32-true"),  # the AVX2-only EPYC: bf16 would be emulated
-    ({"avx2", "avx512f", "avx512_bf16"}, "bf16-mixed"),  # AMD Zen 4
-    ({"avx512f", "amx_tile", "amx_bf16"}, "bf16-mixed"),  # Intel Xeon with AMX
+    ({"AuthenticAMD", "avx2", "fma"}, "32-true"),  # the AVX2-only EPYC: bf16 would be emulated
+    ({"AuthenticAMD", "avx2", "avx512f", "avx512_bf16"}, "bf16-mixed"),  # AMD Zen 4 and 5
+    ({"GenuineIntel", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}, "bf16-mixed"),  # Intel Xeon with AMX
+    ({"GenuineIntel", "avx512f", "avx512_bf16"}, "32-true"),  # Intel without AMX: bf16 no faster
     (set(), "32-true"),  # flags unknown (not Linux)
 ])
 def test_auto_precision_follows_the_cpu_flags(flags, precision, monkeypatch):
@@ -197,20 +198,34 @@ def test_auto_precision_follows_the_cpu_flags(flags, precision, monkeypatch):
     assert train.auto_precision("mps", flags)[0] == "32-true"
 
 
-@pytest.mark.parametrize("flags,argv,slow", [
-    ({"avx2", "fma"}, ["--precision", "bf16-mixed"], True),
-    ({"avx2", "fma"}, ["--precision", "bf16-true"], True),
-    ({"avx2", "fma"}, ["--precision", "32-true"], False),
-    ({"avx2", "avx512f", "avx512_bf16"}, ["--precision", "bf16-mixed"], False),
-    (set(), ["--precision", "bf16-mixed"], False),  # flags unknown: nothing claimed
+@pytest.mark.parametrize("flags,argv,slower", [
+    ({"AuthenticAMD", "avx2"}, ["--precision", "bf16-mixed"], "~9x (no bf16 units: torch emulates them)"),
+    ({"AuthenticAMD", "avx2"}, ["--precision", "bf16-true"], "~9x (no bf16 units: torch emulates them)"),
+    ({"AuthenticAMD", "avx2"}, ["--precision", "32-true"], None),
+    ({"GenuineIntel", "avx512f", "avx512_bf16"}, ["--precision", "bf16-mixed"], "~1.5x"),
+    ({"AuthenticAMD", "avx512f", "avx512_bf16"}, ["--precision", "bf16-mixed"], None),
+    (set(), ["--precision", "bf16-mixed"], None),  # flags unknown: nothing claimed
 ])
-def test_bf16_asked_for_on_a_cpu_without_bf16_units_says_it_is_emulated(flags, argv, slow, workdir, monkeypatch):
+def test_bf16_asked_for_on_a_cpu_where_it_is_slower_says_so(flags, argv, slower, workdir, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(train, "cpu_flags", lambda: flags)
     args = train.parse_args([*TINY, *argv])
     assert args.precision == argv[1]
     assert args.precision_reason == "--precision" + (
-        "; no bf16 matmul units on this CPU: torch emulates them, ~9x slower than 32-true" if slow else "")
+        f"; bf16 matmuls on this CPU take {slower} the time of 32-true's" if slower else "")
+
+
+def test_cpu_flags_hold_the_vendor_and_the_flags(monkeypatch, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\n"
+                       "flags\t\t: fpu avx2 avx512_bf16\n\nprocessor\t: 1\nvendor_id\t: AuthenticAMD\n"
+                       "flags\t\t: fpu avx2 avx512_bf16\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(cpuinfo if path == "/proc/cpuinfo" else path,
+                                                                         *a, **k))
+    assert train.cpu_flags() == {"AuthenticAMD", "fpu", "avx2", "avx512_bf16"}
+    assert train.auto_precision("cpu", train.cpu_flags()) == ("bf16-mixed", "auto: this CPU multiplies bf16 faster "
+                                                                            "than float32 (avx512_bf16 on AMD)")
 
 
 @pytest.mark.parametrize("native", [True, False])
