@@ -711,7 +711,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="continue the run that wrote this last.ckpt, in its folder, with its tuned batch size "
                              "and lr; the flags that define the run "
                              f"({', '.join('--' + flag.replace('_', '-') for flag in RUN_DEFINING_FLAGS)}) "
-                             "must match it; --max-epochs, --max-time and the hardware flags may change")
+                             "must match it (--precision auto takes the run's); --max-epochs, --max-time and the "
+                             "hardware flags may change")
     either.add_argument("--fast-dev-run", action="store_true",
                         help="one training and one validation batch, no tuning, no files: a smoke test")
     args = p.parse_args(argv)
@@ -742,9 +743,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     flags = cpu_flags()
     args.precision, args.precision_reason = (auto_precision(args.accelerator, flags)
                                              if args.precision == "auto" else (args.precision, "--precision"))
-    if on_cpu and "bf16" in args.precision and flags and not fast_bf16_cpu(flags):
-        slower = "~1.5x" if flags.intersection(BF16_CPU_FLAGS) else "~9x (no bf16 units: torch emulates them)"
-        args.precision_reason += f"; bf16 matmuls on this CPU take {slower} the time of 32-true's"
     processes = args.devices  # on this node
     if processes in ("auto", -1):  # one on the CPU, every GPU otherwise
         processes = 1 if on_cpu else max(1, torch.cuda.device_count())
@@ -787,6 +785,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         tempfile.TemporaryDirectory(dir=folder).cleanup()
     except OSError:
         p.error(f"argument {flag}: cannot create folders in {folder!r}")
+    if on_cpu and "bf16" in args.precision and flags and not fast_bf16_cpu(flags):
+        slower = "~1.5x" if flags.intersection(BF16_CPU_FLAGS) else "~9x (no bf16 units: torch emulates them)"
+        args.precision_reason += f"; bf16 matmuls on this CPU take {slower} the time of 32-true's"
     return args
 
 
@@ -813,6 +814,8 @@ def checkpoint_hparams(p: OneLineParser, args: argparse.Namespace) -> dict:
     early_stopping = next((state for key, state in checkpoint["callbacks"].items()
                            if key.startswith(ResumableEarlyStopping.__name__)), {})
     hparams.update(precision=checkpoint.get("precision"), patience=early_stopping.get("patience"))
+    if args.precision_reason.startswith("auto") and hparams["precision"] in ("32-true", "bf16-mixed"):
+        args.precision, args.precision_reason = hparams["precision"], "auto: the resumed run's"  # on any machine
     for flag in RUN_DEFINING_FLAGS:
         if hparams.get(flag) != getattr(args, flag):
             p.error(f"argument --resume: the checkpoint was made with --{flag.replace('_', '-')} "

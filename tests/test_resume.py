@@ -413,6 +413,17 @@ def test_resume_refuses_a_flag_that_defines_the_run(stopped_run, flag, value):
     assert sorted(p.name for p in (cwd / "lightning_logs").iterdir()) == ["version_0"]
 
 
+@pytest.mark.parametrize("elsewhere", ["bf16-mixed", "32-true"])
+def test_resume_with_precision_auto_goes_on_in_the_runs_precision_on_any_machine(stopped_run, elsewhere, monkeypatch):
+    # A requeued job can land on a CPU where auto picks otherwise: the 32-true run goes on in 32-true.
+    cwd, last = stopped_run
+    monkeypatch.setattr(train, "auto_precision", lambda accelerator, flags: (elsewhere, "auto: test"))
+    args = train.parse_args([*STALLS, "--resume", str(last)])
+    assert (args.precision, args.precision_reason) == ("32-true", "auto: the resumed run's")
+    with pytest.raises(SystemExit):  # given by hand, it must match
+        train.parse_args([*STALLS, "--precision", "bf16-mixed", "--resume", str(last)])
+
+
 def test_resume_refuses_a_last_ckpt_taken_out_of_its_run_folder(stopped_run, tmp_path):
     # The run logs on in the folder above checkpoints/: from a copy, that would be wherever the copy is.
     cwd, last = stopped_run
