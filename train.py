@@ -15,7 +15,7 @@ Each run writes lightning_logs/version_N/: TensorBoard events, hparams.yaml, lr_
 checkpoints/best-epoch=E.ckpt (weights) and checkpoints/last.ckpt (full state), and summary.json.
 Validation is on 10000 rows no run trains on. By default every epoch trains on 43210 new rows and
 the model learns the rule: val_acc passes 0.95 after 9 epochs and 0.99 after 62; the run
-ends once val_acc stops rising, or after 100 epochs (40 minutes on a 2-core CPU; docs/results.md).
+ends once val_acc stops rising, or after 100 epochs (35 to 65 minutes on a 2-core CPU; docs/results.md).
 With --fixed-data the model memorises its set and stops near val_acc 0.8, about what any learner
 can generalise from 2 rows per feature.
 """
