@@ -716,6 +716,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     either.add_argument("--fast-dev-run", action="store_true",
                         help="one training and one validation batch, no tuning, no files: a smoke test")
     args = p.parse_args(argv)
+    args.precision_reason = "--precision"
 
     if args.gpus is not None:
         if args.accelerator is not None or args.devices is not None:
@@ -740,9 +741,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("argument --devices: -1 (all) counts GPUs; on the CPU give the number of processes")
     if on_cpu and args.precision == "16-mixed":
         p.error("argument --precision: 16-mixed needs a GPU; on the CPU use bf16-mixed or 32-true")
-    flags = cpu_flags()
-    args.precision, args.precision_reason = (auto_precision(args.accelerator, flags)
-                                             if args.precision == "auto" else (args.precision, "--precision"))
     processes = args.devices  # on this node
     if processes in ("auto", -1):  # one on the CPU, every GPU otherwise
         processes = 1 if on_cpu else max(1, torch.cuda.device_count())
@@ -785,6 +783,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         tempfile.TemporaryDirectory(dir=folder).cleanup()
     except OSError:
         p.error(f"argument {flag}: cannot create folders in {folder!r}")
+    flags = cpu_flags()
+    if args.precision == "auto":  # resolved here, after --resume has given it the run's own
+        args.precision, args.precision_reason = auto_precision(args.accelerator, flags)
     if on_cpu and "bf16" in args.precision and flags and not fast_bf16_cpu(flags):
         slower, why = (("~1.5x", "AVX512_BF16 without AMX") if flags.intersection(BF16_CPU_FLAGS)
                        else ("~9x", "no bf16 units: torch emulates them"))
@@ -815,8 +816,8 @@ def checkpoint_hparams(p: OneLineParser, args: argparse.Namespace) -> dict:
     early_stopping = next((state for key, state in checkpoint["callbacks"].items()
                            if key.startswith(ResumableEarlyStopping.__name__)), {})
     hparams.update(precision=checkpoint.get("precision"), patience=early_stopping.get("patience"))
-    if args.precision_reason.startswith("auto") and hparams["precision"] in ("32-true", "bf16-mixed"):
-        args.precision, args.precision_reason = hparams["precision"], "auto: the resumed run's"  # on any machine
+    if args.precision == "auto" and hparams["precision"] in ("32-true", "bf16-mixed"):  # on any machine
+        args.precision, args.precision_reason = hparams["precision"], "auto: the resumed run's"
     for flag in RUN_DEFINING_FLAGS:
         if hparams.get(flag) != getattr(args, flag):
             p.error(f"argument --resume: the checkpoint was made with --{flag.replace('_', '-')} "
