@@ -196,7 +196,7 @@ class Check:
         small = sizes(self.smoke, ["--features", "4096", "--train-samples", "65536", "--val-samples", "1024",
                                    "--hidden", "512", "--max-epochs", "4", "--no-scale-batch-size",
                                    "--batch-size", "64", "--deterministic"],
-                      ["--features", "256", "--train-samples", "64000", "--val-samples", "300", "--hidden", "128",
+                      ["--features", "256", "--train-samples", "32000", "--val-samples", "300", "--hidden", "128",
                        "--max-epochs", "4", "--no-scale-batch-size", "--batch-size", "64"])
         flags = [*self.hw, *small, "--patience", "10"]
         _, _, full = self.train("uninterrupted", *flags)

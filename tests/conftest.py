@@ -11,6 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import train  # noqa: E402
 
 # Tiny shapes: 32 features and a few thousand samples train in a second or two an epoch.
 TINY = ["--features", "32", "--train-samples", "4000", "--val-samples", "500", "--hidden", "64"]
@@ -28,6 +29,19 @@ def run_train(*args, cwd, timeout=300, check=True):
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
     return proc
+
+
+def train_in_process(*args):
+    """train.main() in this process, for a run a test compares against or resumes: no seconds of imports."""
+    assert train.main(list(args)) == 0
+
+
+def main_in_process(capsys, *argv) -> subprocess.CompletedProcess:
+    """train.main() in this process, for input it refuses before a run starts: exit status, stdout, stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(list(argv))
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, exit_info.value.code, captured.out, captured.err)
 
 
 def start_train(*args, cwd, launcher=None):

@@ -4,14 +4,13 @@ import os
 import pathlib
 import re
 import shlex
-import subprocess
 
 import lightning_fabric.accelerators.mps
 import pytest
 import torch
 
 import train
-from conftest import ROOT, TINY, run_train, slurm_env
+from conftest import ROOT, TINY, main_in_process, run_train, slurm_env
 
 
 def assert_one_line_error(proc, *words):
@@ -21,14 +20,6 @@ def assert_one_line_error(proc, *words):
     assert "Traceback" not in proc.stderr
     for word in words:
         assert word in lines[0], lines[0]
-
-
-def main_in_process(capsys, *argv):
-    """train.main() in this process (a fresh interpreter costs seconds of imports per case)."""
-    with pytest.raises(SystemExit) as exit_info:
-        train.main(list(argv))
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(argv, exit_info.value.code, captured.out, captured.err)
 
 
 def fake_gpus(monkeypatch, count: int) -> None:

@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader
 
 import train
-from conftest import MAX_EPOCHS, ROOT, TINY, WIDE, run_train, summary
+from conftest import MAX_EPOCHS, ROOT, TINY, WIDE, main_in_process, run_train, summary, train_in_process
 from train import SumSignModel, SumSignRows
 
 
@@ -101,7 +101,7 @@ def test_tensorboard_holds_curves_hparams_and_lr_plot(default_run):
 def test_early_stopping_ends_a_run_once_val_acc_stops_rising(workdir, data):
     # A learning rate this large reaches its best val_acc within a few epochs and then wanders:
     # the run must end `patience` epochs after its best one, far before max-epochs.
-    run_train(*TINY, *data, "--no-lr-find", "--lr", "0.02", "--patience", "2", "--max-epochs", "60", cwd=workdir)
+    train_in_process(*TINY, *data, "--no-lr-find", "--lr", "0.02", "--patience", "2", "--max-epochs", "60")
     run = workdir / "lightning_logs" / "version_0"
     s = summary(run)
     assert s["ended_by"] == "patience" and s["epochs"] < 60
@@ -117,7 +117,7 @@ def test_early_stopping_ends_a_run_once_val_acc_stops_rising(workdir, data):
 
 
 def test_the_checkpoints_hold_the_averaged_weights_that_were_validated(workdir):
-    run_train(*TINY, "--precision", "32-true", "--max-epochs", "4", "--patience", "1", cwd=workdir)
+    train_in_process(*TINY, "--precision", "32-true", "--max-epochs", "4", "--patience", "1")
     s = summary(workdir / "lightning_logs" / "version_0")
     x, y = SumSignRows(500, 32, (42, "val"), stored=True)[torch.arange(500)]
     for path, accuracies in ((s["checkpoint"], [s["best_val_acc"]]), (s["last_checkpoint"], None)):
@@ -135,7 +135,7 @@ def test_the_checkpoints_hold_the_averaged_weights_that_were_validated(workdir):
 def test_under_bf16_true_the_average_stays_float32_through_every_validation(workdir):
     # Kept in bf16, the average's late, small steps rounded away: at 2100 features it stalled at val_acc 0.984
     # while the weights it averaged reached 0.994 (docs/design.md).
-    run_train(*TINY, "--precision", "bf16-true", "--no-lr-find", "--lr", "1e-3", "--max-epochs", "3", cwd=workdir)
+    train_in_process(*TINY, "--precision", "bf16-true", "--no-lr-find", "--lr", "1e-3", "--max-epochs", "3")
     last = torch.load(workdir / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", map_location="cpu",
                       weights_only=False)
     assert last["current_model_state"]["hidden.weight"].dtype == torch.bfloat16  # the run trained in bf16
@@ -182,8 +182,9 @@ def test_readme_load_and_predict_snippet(default_run):
     assert accuracy >= 0.95
 
 
-def test_resume_with_other_sizes_is_refused(default_run):
+def test_resume_with_other_sizes_is_refused(default_run, capsys, monkeypatch):
     cwd, _ = default_run
+    monkeypatch.chdir(cwd)
     last = cwd / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     before = sorted(p.name for p in (cwd / "lightning_logs").iterdir())
     for flag in ("--features", "--hidden", "--fixed-data"):
@@ -192,11 +193,11 @@ def test_resume_with_other_sizes_is_refused(default_run):
             argv.append(flag)
         else:
             argv[argv.index(flag) + 1] = "16"
-        proc = run_train(*argv, cwd=cwd, check=False)
+        proc = main_in_process(capsys, *argv)
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert "--resume" in proc.stderr and flag in proc.stderr
     best = summary(cwd / "lightning_logs" / "version_0")["checkpoint"]  # weights only: for predicting
-    proc = run_train(*TINY, "--resume", best, cwd=cwd, check=False)
+    proc = main_in_process(capsys, *TINY, "--resume", best)
     assert proc.returncode == 2 and "weights only" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in (cwd / "lightning_logs").iterdir()) == before
 

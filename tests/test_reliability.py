@@ -15,7 +15,8 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
-from conftest import ROOT, TINY, WIDE, interrupt_after_first_epoch, run_train, start_train, summary, wait_for
+from conftest import (ROOT, TINY, WIDE, interrupt_after_first_epoch, run_train, start_train, summary, train_in_process,
+                      wait_for)
 
 # An epoch of about a second on 2 cores, so a signal lands in the middle of one.
 MEDIUM = ["--features", "2048", "--train-samples", "16000", "--val-samples", "500", "--hidden", "512",
@@ -48,9 +49,9 @@ def strict_json(path):
 @pytest.mark.parametrize("data", [["--fixed-data"], []], ids=["fixed", "fresh"])
 def test_reruns_are_bit_identical_and_seed_matters(workdir, data):
     flags = [*TINY, *data, "--max-epochs", "6"]
-    for _ in range(2):
+    for _ in range(2):  # each in a fresh process, as a user reruns
         run_train(*flags, cwd=workdir)
-    run_train(*flags, "--seed", "43", cwd=workdir)
+    train_in_process(*flags, "--seed", "43")
     runs = [workdir / "lightning_logs" / f"version_{i}" for i in range(3)]
     a, b, c = (summary(r) for r in runs)
     assert metrics(runs[0]) == metrics(runs[1])
@@ -64,7 +65,7 @@ def test_reruns_are_bit_identical_and_seed_matters(workdir, data):
                          ids=["SIGINT-fixed", "SIGTERM-fresh"])
 def test_interrupt_then_resume_matches_the_uninterrupted_run(workdir, sig, data):
     flags = [*MEDIUM, *data]
-    run_train(*flags, cwd=workdir)
+    train_in_process(*flags)
     full = workdir / "lightning_logs" / "version_0"
     last = workdir / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt"
     rc, out, err, seconds = interrupt_after_first_epoch(start_train(*flags, cwd=workdir), last, sig)
