@@ -32,7 +32,8 @@ def run_train(*args, cwd, timeout=300, check=True):
 
 
 def train_in_process(*args):
-    """train.main() in this process, for a run a test compares against or resumes: no seconds of imports."""
+    """train.main() in this process, for a run whose files a test reads or compares against: no seconds of
+    imports. The run a test is about (a rerun, an interrupt, the printed resume command) takes run_train."""
     assert train.main(list(args)) == 0
 
 
