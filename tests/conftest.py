@@ -45,6 +45,16 @@ def main_in_process(capsys, *argv) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(argv, exit_info.value.code, captured.out, captured.err)
 
 
+def assert_one_line_error(proc, *words):
+    """Exit status 2, one line on stderr, no traceback, and each of `words` in that line."""
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
 def start_train(*args, cwd, launcher=None):
     """train.py (or `launcher` + train.py) in its own session, as a terminal would run a job."""
     command = [*(launcher or [sys.executable]), str(ROOT / "train.py"), *args]

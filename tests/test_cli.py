@@ -10,16 +10,7 @@ import pytest
 import torch
 
 import train
-from conftest import ROOT, TINY, main_in_process, run_train, slurm_env
-
-
-def assert_one_line_error(proc, *words):
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
+from conftest import ROOT, TINY, assert_one_line_error, main_in_process, run_train, slurm_env
 
 
 def fake_gpus(monkeypatch, count: int) -> None:

@@ -14,7 +14,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader
 
 import train
-from conftest import MAX_EPOCHS, ROOT, TINY, WIDE, main_in_process, run_train, summary, train_in_process
+from conftest import (MAX_EPOCHS, ROOT, TINY, WIDE, assert_one_line_error, main_in_process, run_train, summary,
+                      train_in_process)
 from train import SumSignModel, SumSignRows
 
 
@@ -193,12 +194,9 @@ def test_resume_with_other_sizes_is_refused(default_run, capsys, monkeypatch):
             argv.append(flag)
         else:
             argv[argv.index(flag) + 1] = "16"
-        proc = main_in_process(capsys, *argv)
-        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-        assert "--resume" in proc.stderr and flag in proc.stderr
+        assert_one_line_error(main_in_process(capsys, *argv), "--resume", flag)
     best = summary(cwd / "lightning_logs" / "version_0")["checkpoint"]  # weights only: for predicting
-    proc = main_in_process(capsys, *TINY, "--resume", best)
-    assert proc.returncode == 2 and "weights only" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert_one_line_error(main_in_process(capsys, *TINY, "--resume", best), "weights only")
     assert sorted(p.name for p in (cwd / "lightning_logs").iterdir()) == before
 
 

@@ -21,8 +21,8 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
-from conftest import (ROOT, TINY, main_in_process, pids_running, run_train, start_train, summary, train_in_process,
-                      wait_for)
+from conftest import (ROOT, TINY, assert_one_line_error, main_in_process, pids_running, run_train, start_train,
+                      summary, train_in_process, wait_for)
 from test_reliability import assert_same_weights, metrics, weights
 
 # About 0.1 s an epoch, at an almost constant lr: the best val_acc comes after a few epochs, then it
@@ -409,9 +409,7 @@ def test_resume_refuses_a_flag_that_defines_the_run(stopped_run, capsys, monkeyp
         argv[argv.index(flag) + 1] = value
     else:
         argv += [flag, value]
-    proc = main_in_process(capsys, *argv)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert f"--resume: the checkpoint was made with {flag}" in proc.stderr
+    assert_one_line_error(main_in_process(capsys, *argv), f"--resume: the checkpoint was made with {flag}")
     assert sorted(p.name for p in (cwd / "lightning_logs").iterdir()) == ["version_0"]
 
 
@@ -431,9 +429,8 @@ def test_resume_refuses_a_last_ckpt_taken_out_of_its_run_folder(stopped_run, wor
     cwd, last = stopped_run
     (workdir / "copies").mkdir()
     shutil.copy(last, workdir / "copies" / "last.ckpt")
-    proc = main_in_process(capsys, *STALLS, "--precision", "32-true", "--resume", "copies/last.ckpt")
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert "--resume: 'copies/last.ckpt' is not in a run's checkpoints folder" in proc.stderr
+    assert_one_line_error(main_in_process(capsys, *STALLS, "--precision", "32-true", "--resume", "copies/last.ckpt"),
+                          "--resume: 'copies/last.ckpt' is not in a run's checkpoints folder")
     assert sorted(p.name for p in workdir.rglob("*")) == ["copies", "last.ckpt"]
 
 
@@ -478,9 +475,8 @@ def test_resume_refuses_fewer_epochs_than_the_run_has_trained_in_one_line(stoppe
                          "to end it there"),
         "--fast-dev-run": (["--fast-dev-run"], "argument --fast-dev-run: not allowed with argument --resume")}[flag]
     before = sorted(p.name for p in last.parent.parent.rglob("*"))
-    proc = main_in_process(capsys, *STALLS, "--precision", "32-true", "--resume", str(last), *extra)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert message in proc.stderr
+    assert_one_line_error(main_in_process(capsys, *STALLS, "--precision", "32-true", "--resume", str(last), *extra),
+                          message)
     assert sorted(p.name for p in last.parent.parent.rglob("*")) == before
 
 
