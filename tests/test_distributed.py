@@ -125,17 +125,30 @@ torch.save = full_disk
 """
 
 
-def test_an_error_on_rank_0_ends_the_ranks_it_started_without_their_tracebacks(workdir, tmp_path_factory):
+@pytest.mark.parametrize("launcher", ["script", "torchrun", "two nodes by hand"])
+def test_an_error_on_rank_0_ends_the_job_with_one_line_from_each_rank_left(workdir, tmp_path_factory, launcher):
     site = tmp_path_factory.mktemp("site")
     (site / "sitecustomize.py").write_text(FULL_DISK)
-    flags = ["--devices", "2", "--no-scale-batch-size", "--no-lr-find", "--lr", "1e-3"]
-    out, err = run_job(workdir, [([sys.executable, *train_argv(*flags, workdir=workdir)], {"PYTHONPATH": str(site)})],
-                       succeed=False)
-    assert "Traceback" not in err and "[rank1]" not in err, err[-3000:]  # rank 1 did not see rank 0 go
+    env = {"PYTHONPATH": str(site)}
+    flags = ["--no-scale-batch-size", "--no-lr-find", "--lr", "1e-3"]
+    if launcher == "two nodes by hand":
+        port = str(free_port())
+        job = [([sys.executable, *train_argv("--num-nodes", "2", *flags, workdir=workdir)],
+                {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "NODE_RANK": str(rank)}) for rank in (0, 1)]
+    else:
+        launch = [*TORCHRUN, "--standalone", "--nproc_per_node", "2"] if launcher == "torchrun" else [sys.executable]
+        job = [([*launch, *train_argv("--devices", "2", *flags, workdir=workdir)], env)]
+    out, err = run_job(workdir, job, succeed=False)
+    assert 'train.py", line' not in err and "[rank" not in err, err[-3000:]  # no rank's traceback
     last = workdir / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"train.py: error: cannot write {last} (") and lines[0].endswith(
-        f"--resume {last}")
+    lines = [line for line in err.splitlines() if line.startswith("train.py")]
+    assert lines[0].startswith(f"train.py: error: cannot write {last} (") and lines[0].endswith(f"--resume {last}")
+    if launcher == "script":  # Lightning's launcher: rank 0 ends the rank it started before that sees it go
+        assert err.strip().splitlines() == lines[:1]
+    else:  # a rank started otherwise sees rank 0 go, and says so in one line
+        assert len(lines) == 2 and re.fullmatch(r"train.py: error: rank 1: Connection closed by peer \S+; another "
+                                                r"process of the job has ended: its own error says why", lines[1])
+        assert "Traceback" not in err or launcher == "torchrun"  # torchrun's report has one of its own
     assert torch.load(last, weights_only=False)["epoch"] == 0  # the first epoch's, whole
     assert pids_running(str(workdir)) == []
 
