@@ -68,7 +68,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 
-BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs with bf16 matmul units
+# bf16 matmuls against float32's on CPUs without fast bf16 units (cpu_bf16()'s answers; docs/design.md).
+BF16_SLOWDOWN = {"avx512_bf16 on Intel": ("~1.5x", "AVX512_BF16 without AMX"),
+                 "emulated": ("~9x", "no bf16 units: torch emulates them")}
 # cgroup v2 ("" controllers) and v1 "memory": mount, limit file, usage file, memory.stat's prefix for subtrees.
 CGROUP_MEMORY_FILES = {"": ("/sys/fs/cgroup", "memory.max", "memory.current", ""),
                        "memory": ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_")}
@@ -788,13 +790,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         tempfile.TemporaryDirectory(dir=folder).cleanup()
     except OSError:
         p.error(f"argument {flag}: cannot create folders in {folder!r}")
-    flags = cpu_flags()
     if args.precision == "auto":  # resolved here, after --resume has given it the run's own
-        args.precision, args.precision_reason = auto_precision(args.accelerator, flags)
-    if on_cpu and "bf16" in args.precision and flags and not fast_bf16_cpu(flags):
-        slower, why = (("~1.5x", "AVX512_BF16 without AMX") if flags.intersection(BF16_CPU_FLAGS)
-                       else ("~9x", "no bf16 units: torch emulates them"))
-        args.precision_reason += f"; on this CPU bf16 matmuls take {slower} the time of 32-true's ({why})"
+        args.precision, args.precision_reason = auto_precision(args.accelerator)
+    if on_cpu and "bf16" in args.precision and (bf16 := cpu_bf16()) in BF16_SLOWDOWN:
+        args.precision_reason += "; on this CPU bf16 matmuls take {} the time of 32-true's ({})".format(
+            *BF16_SLOWDOWN[bf16])
     return args
 
 
@@ -839,30 +839,27 @@ def run_folder(last_checkpoint: str) -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(last_checkpoint)))
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags and vendor as Linux lists them, e.g. {"avx512_bf16", ..., "AuthenticAMD"}."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            lines = [line.split(":", 1)[1] for line in cpuinfo if line.startswith(("flags", "vendor_id"))]
-    except OSError:  # not Linux: no flags known, so no bf16 claimed
-        return set()
-    return {word for line in lines for word in line.split()}
+def cpu_bf16() -> str:
+    """How this CPU multiplies bf16, as torch sees it: faster than float32 with "amx_bf16" or "avx512_bf16 on
+    AMD"; slower with "avx512_bf16 on Intel" or "emulated"; "unknown" off x86 (not measured: docs/design.md)."""
+    cpu = torch.cpu.get_capabilities()
+    if cpu["architecture"] != "x86_64":
+        return "unknown"
+    if cpu.get("amx_bf16"):
+        return "amx_bf16"
+    if cpu.get("avx512_bf16"):
+        return "avx512_bf16 on AMD" if cpu.get("sse4a") else "avx512_bf16 on Intel"  # SSE4a: AMD's alone
+    return "emulated"
 
 
-def fast_bf16_cpu(flags: set[str]) -> bool:
-    """Whether bf16 matmuls outrun float32's here: with AMX, or AVX512_BF16 on AMD (not on Intel: docs/design.md)."""
-    return "amx_bf16" in flags or {"avx512_bf16", "AuthenticAMD"} <= flags
-
-
-def auto_precision(accelerator: str, flags: set[str]) -> tuple[str, str]:
+def auto_precision(accelerator: str) -> tuple[str, str]:
     """bf16-mixed where the hardware multiplies bf16 faster than float32, else 32-true; and why."""
     if accelerator in ("gpu", "auto") and torch.cuda.is_available():
         if torch.cuda.is_bf16_supported(including_emulation=False):
             return "bf16-mixed", f"auto: {torch.cuda.get_device_name()} multiplies bf16 natively"
         return "32-true", f"auto: {torch.cuda.get_device_name()} has no native bf16"
-    if accelerator in ("cpu", "auto") and fast_bf16_cpu(flags):
-        units = "amx_bf16" if "amx_bf16" in flags else "avx512_bf16 on AMD"
-        return "bf16-mixed", f"auto: this CPU multiplies bf16 faster than float32 ({units})"
+    if accelerator in ("cpu", "auto") and (bf16 := cpu_bf16()) in ("amx_bf16", "avx512_bf16 on AMD"):
+        return "bf16-mixed", f"auto: this CPU multiplies bf16 faster than float32 ({bf16})"
     return "32-true", "auto: no bf16 matmul faster than float32 on this device"
 
 

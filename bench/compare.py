@@ -166,8 +166,7 @@ def cpu_name() -> str:
             name = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
     except (OSError, StopIteration):
         name = "unknown CPU"
-    bf16 = sorted(train.cpu_flags().intersection(train.BF16_CPU_FLAGS))
-    return f"{name} ({', '.join(bf16) or 'no bf16 units'}), {torch.get_num_threads()} threads"
+    return f"{name} (bf16: {train.cpu_bf16()}), {torch.get_num_threads()} threads"
 
 
 def main():
@@ -192,7 +191,7 @@ def main():
     torch.set_float32_matmul_precision("high")  # as train.py: TF32 on tensor cores
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # as train.py: results only
     device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
-    auto, why = train.auto_precision(args.accelerator, train.cpu_flags())
+    auto, why = train.auto_precision(args.accelerator)
     fresh = train.SumSignDataModule(args.train_samples, 1, args.features, seed=42, batch_size=args.batch_size)
     fixed = train.SumSignDataModule(args.train_samples, 1, args.features, seed=42, batch_size=args.batch_size,
                                     fixed_data=True)

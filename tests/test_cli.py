@@ -17,7 +17,7 @@ def fake_gpus(monkeypatch, count: int) -> None:
     """This machine as one with `count` CUDA GPUs that multiply bf16 natively (no GPU is needed)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
-    monkeypatch.setattr(train, "auto_precision", lambda accelerator, flags: ("bf16-mixed", "test"))
+    monkeypatch.setattr(train, "auto_precision", lambda accelerator: ("bf16-mixed", "test"))
 
 
 BAD = [

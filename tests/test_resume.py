@@ -417,7 +417,7 @@ def test_resume_refuses_a_flag_that_defines_the_run(stopped_run, capsys, monkeyp
 def test_resume_with_precision_auto_goes_on_in_the_runs_precision_on_any_machine(stopped_run, elsewhere, monkeypatch):
     # A requeued job can land on a CPU where auto picks otherwise: the 32-true run goes on in 32-true.
     cwd, last = stopped_run
-    monkeypatch.setattr(train, "auto_precision", lambda accelerator, flags: (elsewhere, "auto: test"))
+    monkeypatch.setattr(train, "auto_precision", lambda accelerator: (elsewhere, "auto: test"))
     args = train.parse_args([*STALLS, "--resume", str(last)])
     assert (args.precision, args.precision_reason) == ("32-true", "auto: the resumed run's")
     with pytest.raises(SystemExit):  # given by hand, it must match
