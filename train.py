@@ -43,7 +43,6 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -351,10 +350,10 @@ def main(argv=None) -> int:
         if stop.signum is None and isinstance(error, torch.OutOfMemoryError):  # too big for the GPU's memory
             asked = ". ".join(str(error).replace("\n", " ").split(". ")[:3])  # the allocation, the GPU's total, free
             return fail(f"{asked}; lower --hidden, --features or --batch-size (with --no-scale-batch-size)")
-        if stop.signum is None and lost_a_process(error):  # the process that failed has said why
+        if stop.signum is None and lost_a_process(error):  # a process killed, or failed with its own line
             what = re.sub(r"^\[\S*\] ", "", str(error)).split(". ")[0]  # less gloo's source file
-            return fail(f"rank {rank_zero_only.rank}: {what}; another process of the job has ended: its own error "
-                        "says why")
+            resume = f"; {stop.resume()}" if rank_zero_only.rank == 0 else ""  # other nodes may not see the files
+            return fail(f"rank {rank_zero_only.rank}: {what}: another process of the job has ended{resume}")
         if stop.signum is not None and stop.phase == "training" and not args.fast_dev_run:
             report(args, trainer, timings(t_start, t_tune, t_fit), interrupted_by=stop.signum)
         return stop.interrupted(error)
@@ -1083,10 +1082,10 @@ def report(args, trainer: pl.Trainer, seconds: dict, interrupted_by: int | None 
 
 
 def lost_a_process(error: BaseException) -> bool:
-    """Whether `error` came out of a collective of a job: gloo's "Connection closed by peer" and the like."""
-    frames = traceback.extract_tb(error.__traceback__)
-    inside = bool(frames) and f"torch{os.sep}distributed{os.sep}" in frames[-1].filename
-    return inside and torch.distributed.is_initialized()
+    """Whether `error` says another process of the job has gone: gloo's "Connection closed by peer" (or reset),
+    NCCL's "remote process exited"."""
+    peer_gone = re.search(r"by peer|remote (worker|process)", str(error), re.I) is not None
+    return peer_gone and torch.distributed.is_initialized()
 
 
 def saved_path(checkpoint: ModelCheckpoint) -> str:
