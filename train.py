@@ -1084,7 +1084,7 @@ def report(args, trainer: pl.Trainer, seconds: dict, interrupted_by: int | None 
 def lost_a_process(error: BaseException) -> bool:
     """Whether `error` says another process of the job has gone: gloo's "Connection closed by peer" (or reset),
     NCCL's "remote process exited"."""
-    peer_gone = re.search(r"by peer|remote (worker|process)", str(error), re.I) is not None
+    peer_gone = re.search(r"by peer|remote process", str(error), re.I) is not None
     return peer_gone and torch.distributed.is_initialized()
 
 

@@ -170,6 +170,23 @@ def test_a_rank_killed_in_training_ends_the_job_with_one_line_and_the_resume_com
                                             rf"ended; resume with: python .* --resume {re.escape(str(last))}", lines[0])
 
 
+@pytest.mark.parametrize("message,lost", [
+    ("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:42630. "
+     "This is typically caused by a remote worker crashing. Check the logs of the remote worker.", True),
+    ("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:48345: "
+     "Connection reset by peer", True),
+    ("NCCL error in: ProcessGroupNCCL.cpp:2052, remote process exited or there was a network error", True),
+    ("[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 1800000ms for recv "
+     "operation to complete. This is typically caused by a remote worker hanging.", False),  # alive
+    ("mat1 and mat2 shapes cannot be multiplied (4x32 and 64x1)", False),
+], ids=["gloo-closed", "gloo-reset", "nccl-remote-error", "gloo-timeout", "not-distributed"])
+def test_a_lost_process_is_told_by_the_error_s_words(message, lost, monkeypatch):
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    assert train.lost_a_process(RuntimeError(message)) == lost
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)  # no job: no other process to lose
+    assert not train.lost_a_process(RuntimeError(message))
+
+
 # Put first on a job's PYTHONPATH: the last thing each process does says whether its process group is still up.
 PROCESS_GROUP_AT_EXIT = """import atexit, sys
 def check():
