@@ -89,9 +89,11 @@ def test_fewer_rows_than_ranks_still_ends(workdir):
 
 def test_two_nodes_started_by_hand(workdir):
     port = free_port()
+    # A core each, as on two machines: Lightning gives a node's one process all of them, and here both share two.
     out, err = run_job(workdir, [
         ([sys.executable, *train_argv("--devices", "1", "--num-nodes", "2", workdir=workdir)],
-         {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": str(rank)}) for rank in (0, 1)])
+         {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": str(rank), "OMP_NUM_THREADS": "1"})
+        for rank in (0, 1)])
     check_one_run(workdir, out, err)
 
 
