@@ -162,11 +162,8 @@ def test_a_rank_killed_in_training_ends_the_job_with_one_line_and_the_resume_com
     last = workdir / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     wait_for(last.name, proc, last.parent, timeout=JOB_TIMEOUT)
     os.kill(next(pid for pid in pids_running(str(workdir)) if pid != proc.pid), signal.SIGKILL)
-    try:
-        out, err = proc.communicate(timeout=JOB_TIMEOUT)
-    finally:
-        kill_all(str(workdir))
-    assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
+    rc, out, err = assert_job_ends(proc, workdir, None)
+    assert rc == 1 and "Traceback" not in err, err[-3000:]
     lines = [line for line in err.splitlines() if line.startswith("train.py")]  # stderr also holds the progress bars
     assert len(lines) == 1 and re.fullmatch(r"train.py: error: rank 0: .*by peer.*: another process of the job has "
                                             rf"ended; resume with: python .* --resume {re.escape(str(last))}", lines[0])
